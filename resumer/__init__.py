@@ -1,0 +1,1 @@
+"""resumer: resumable, checkpointed transfers of container image layers."""

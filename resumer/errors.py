@@ -1,0 +1,165 @@
+"""Every error resumer raises, in one tree.
+
+    ResumerError                     base; ``retryable`` says whether another attempt may help
+    ├── UsageError                   bad flags, config file or reference (exit 2)
+    │   ├── ConfigError
+    │   └── ReferenceError_          an image reference that does not parse
+    ├── StoreError                   the state database or the root directory
+    │   ├── SchemaTooNewError        state.db written by a newer resumer
+    │   └── RootLockedError          another process holds the root
+    ├── TransferError                one blob transfer
+    │   ├── TransientError           retryable: cut, stall, 5xx, 408, 429, bad Content-Range …
+    │   │   ├── ConnectionCutError
+    │   │   ├── StallError
+    │   │   ├── ServerError          408 / 429 / 5xx, may carry Retry-After
+    │   │   ├── BrokenServerError    206 with a wrong Content-Range, an over-long body …
+    │   │   └── RangeRestartError    416 below the expected size: partial discarded
+    │   ├── PermanentError           never retried
+    │   │   ├── NotFoundError        404
+    │   │   ├── AccessDeniedError    401/403 that persists after one token refresh
+    │   │   └── DigestMismatchError  (retryable only when the download was resumed)
+    │   ├── UnauthorizedError        401: refresh the token once, not an attempt
+    │   └── BudgetExhaustedError     max-download-attempts used up; names blob, N, last cause
+    ├── RegistryError                the distribution API answered something unusable
+    │   └── PlatformNotFoundError
+    ├── RegistrationError            decompression, diffID mismatch, decompression bomb
+    └── LinkLabError                 the lab cannot run here (no root, no /dev/net/tun)
+
+Lower-layer exceptions (aiohttp, OSError, sqlite3) are mapped into this tree where
+those layers end, with ``raise … from exc``, so callers never see a foreign traceback.
+"""
+
+from __future__ import annotations
+
+
+class ResumerError(Exception):
+    """Base of every error resumer raises on purpose."""
+
+    retryable: bool = False
+    exit_code: int = 1
+
+
+class UsageError(ResumerError):
+    """The user asked for something that cannot be done as asked."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A flag, environment variable or config-file value is invalid."""
+
+
+class ReferenceError_(UsageError):  # noqa: N801 - avoid shadowing the builtin ReferenceError
+    """An image reference that does not parse."""
+
+
+class StoreError(ResumerError):
+    """The state database or root directory cannot be used."""
+
+
+class SchemaTooNewError(StoreError):
+    """state.db was written by a newer resumer than this one."""
+
+
+class RootLockedError(StoreError):
+    """Another resumer process holds the root."""
+
+
+class TransferError(ResumerError):
+    """One attempt, or one whole transfer, failed."""
+
+    #: HTTP status of the response that caused the error, when there was one.
+    status: int | None = None
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class TransientError(TransferError):
+    """Another attempt may succeed."""
+
+    retryable = True
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class ConnectionCutError(TransientError):
+    """The connection failed or closed before the body was complete."""
+
+
+class StallError(TransientError):
+    """No byte for stall-timeout, or below low-speed-limit for low-speed-time."""
+
+
+class ServerError(TransientError):
+    """408, 429 or 5xx."""
+
+
+class BrokenServerError(TransientError):
+    """The server broke the Range contract (wrong Content-Range, over-long body)."""
+
+
+class RangeRestartError(TransientError):
+    """416 for an offset below the expected size: the partial was discarded."""
+
+
+class PermanentError(TransferError):
+    """Retrying cannot help."""
+
+
+class NotFoundError(PermanentError):
+    """404: unknown blob, manifest or URL."""
+
+
+class AccessDeniedError(PermanentError):
+    """401 or 403 that persisted after one token refresh."""
+
+
+class DigestMismatchError(PermanentError):
+    """The downloaded content does not hash to the expected digest."""
+
+    def __init__(self, message: str, *, resumed: bool) -> None:
+        super().__init__(message)
+        # Docker's rule: a mismatch after a resumed download is retried from zero.
+        self.retryable = resumed
+        self.resumed = resumed
+
+
+class UnauthorizedError(TransferError):
+    """401: the caller refreshes the token once; this does not count as an attempt."""
+
+    def __init__(self, message: str, *, challenge: str | None) -> None:
+        super().__init__(message, status=401)
+        self.challenge = challenge
+
+
+class BudgetExhaustedError(TransferError):
+    """Every attempt of max-download-attempts failed."""
+
+    def __init__(self, blob: str, attempts: int, last: BaseException) -> None:
+        super().__init__(f"{blob}: gave up after {attempts} attempt(s); last error: {last}")
+        self.blob = blob
+        self.attempts = attempts
+        self.last = last
+
+
+class RegistryError(ResumerError):
+    """The registry answered something resumer cannot use."""
+
+
+class PlatformNotFoundError(RegistryError):
+    """No manifest in the index matches the requested platform."""
+
+
+class RegistrationError(ResumerError):
+    """A committed layer could not be registered (bad compression, diffID mismatch)."""
+
+
+class LinkLabError(ResumerError):
+    """The lab cannot run here; the message says why."""
