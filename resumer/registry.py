@@ -1,0 +1,1144 @@
+"""The distribution API: references, manifests, platforms, token auth and mirrors.
+
+What lives here, top to bottom:
+
+- ``Reference`` / ``parse_reference``: image references normalised the way Docker does it
+  (``alpine`` → ``docker.io/library/alpine:latest``).
+- ``RegistryClient.resolve``: manifest (and index) → the platform's manifest → the config
+  blob, all small, all verified by digest, returned as a ``ResolvedImage``.
+- ``RegistryClient.blob_source``: a ``Source`` for one layer blob. It names the registry's
+  blob URL on each mirror and on the origin, with a fresh ``Authorization`` header per
+  attempt; ``fetch.py`` does the actual Range GET.
+- Auth: Bearer tokens from the ``WWW-Authenticate`` challenge, cached per (host, scope);
+  Basic credentials and identity tokens from Docker's ``config.json``.
+
+aiohttp ends here: every aiohttp exception is mapped into ``resumer.errors``. Secrets
+(tokens, passwords, pre-signed URLs) never reach a log record: only ``redact_url`` output
+and hosts are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import platform as host_platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .clock import Clock, SystemClock
+from .config import Config
+from .errors import (
+    AccessDeniedError,
+    ConnectionCutError,
+    DigestMismatchError,
+    NotFoundError,
+    PlatformNotFoundError,
+    ReferenceError_,
+    RegistryError,
+    ResumerError,
+    ServerError,
+    TransferError,
+    TransientError,
+)
+from .source import Endpoint, redact_url
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------
+# References
+# --------------------------------------------------------------------------------------
+
+DOCKER_HUB = "docker.io"
+#: where Docker Hub's distribution API actually answers
+DOCKER_HUB_API = "registry-1.docker.io"
+_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+# Docker's grammar (distribution/reference), written out again here.
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(
+    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$"
+)
+_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ANY_DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A normalised image reference: ``registry/repository[:tag][@digest]``."""
+
+    #: ``docker.io`` for Docker Hub, otherwise ``host[:port]`` as written
+    registry: str
+    #: the repository path, ``library/alpine`` for Docker Hub's official images
+    repository: str
+    tag: str | None = None
+    #: ``sha256:<hex>`` when pinned; the manifest must hash to it
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+    @property
+    def name(self) -> str:
+        """``registry/repository``, without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def api_host(self) -> str:
+        """The host[:port] that serves the distribution API for this registry."""
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.registry == DOCKER_HUB
+
+    @property
+    def manifest_ref(self) -> str:
+        """What goes after ``/manifests/``: the digest when pinned (Docker ignores the tag)."""
+        return self.digest or self.tag or "latest"
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse and normalise an image reference as ``docker pull`` does.
+
+    A bare name gets ``docker.io``, a one-component Hub name gets ``library/``, and a
+    reference with neither tag nor digest gets ``:latest``.
+    """
+    raw = text
+    if not text or text != text.strip():
+        raise ReferenceError_(f"invalid reference {raw!r}: empty or surrounded by whitespace")
+    digest: str | None = None
+    if "@" in text:
+        text, _, digest = text.partition("@")
+        if not _ANY_DIGEST.match(digest):
+            raise ReferenceError_(f"invalid reference {raw!r}: malformed digest {digest!r}")
+        if not _DIGEST.match(digest):
+            raise ReferenceError_(
+                f"invalid reference {raw!r}: only sha256 digests with 64 lowercase hex "
+                f"digits are supported, got {digest!r}"
+            )
+    tag: str | None = None
+    # A tag is the part after the last ':' that comes after the last '/': a ':' before
+    # that is a port.
+    slash = text.rfind("/")
+    colon = text.rfind(":")
+    if colon > slash:
+        text, tag = text[:colon], text[colon + 1 :]
+        if not _TAG.match(tag):
+            raise ReferenceError_(
+                f"invalid reference {raw!r}: invalid tag {tag!r} (letters, digits, '_', "
+                f"'.' and '-', not starting with '.' or '-', at most 128 characters)"
+            )
+    if not text:
+        raise ReferenceError_(f"invalid reference {raw!r}: no repository name")
+
+    registry, path = _split_domain(text)
+    if not _DOMAIN.match(registry):
+        raise ReferenceError_(f"invalid reference {raw!r}: invalid registry host {registry!r}")
+    if registry in ("index.docker.io",):
+        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    if path != path.lower():
+        raise ReferenceError_(f"invalid reference {raw!r}: repository name must be lowercase")
+    for component in path.split("/"):
+        if not _PATH_COMPONENT.match(component):
+            raise ReferenceError_(
+                f"invalid reference {raw!r}: invalid repository path component "
+                f"{component!r} (lowercase letters and digits, separated by '.', '_', "
+                f"'__' or dashes)"
+            )
+    if _HEX64.match(path.rpartition("/")[2]) and registry == DOCKER_HUB and tag is None:
+        # Docker refuses these: they would be mistaken for image IDs.
+        raise ReferenceError_(
+            f"invalid reference {raw!r}: a 64-character hexadecimal string is an image ID, "
+            f"not a repository name"
+        )
+    if len(registry) + 1 + len(path) > _NAME_MAX:
+        raise ReferenceError_(
+            f"invalid reference {raw!r}: repository name longer than {_NAME_MAX} characters"
+        )
+    if tag is None and digest is None:
+        tag = "latest"
+    return Reference(registry, path, tag, digest)
+
+
+def _split_domain(name: str) -> tuple[str, str]:
+    first, sep, rest = name.partition("/")
+    # Docker's rule: the first component names a registry only if it looks like a host
+    # (a dot, a port, "localhost") or has capitals, which a repository path never has.
+    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        return first, rest
+    return DOCKER_HUB, name
+
+
+# --------------------------------------------------------------------------------------
+# Manifests and images
+# --------------------------------------------------------------------------------------
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+_SCHEMA1 = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+_INDEXES = frozenset({OCI_INDEX, DOCKER_LIST})
+_MANIFESTS = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+_IMAGE_CONFIGS = frozenset(
+    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+)
+#: Without this list the CNCF registry answers 404 for OCI manifests and converts Docker
+#: ones to schema1, so every manifest GET sends it.
+MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+
+#: The distribution registry refuses manifests above 4 MiB; so do we.
+MAX_MANIFEST_BYTES = 4 << 20
+#: Image configs are small JSON; refuse a "config" big enough to hurt memory.
+MAX_CONFIG_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """One layer of an image, in order from the base."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image reference resolved to everything needed before the first layer byte moves."""
+
+    reference: Reference
+    manifest: bytes
+    manifest_digest: str
+    manifest_media_type: str
+    config: bytes
+    config_digest: str
+    config_media_type: str
+    layers: tuple[LayerDescriptor, ...]
+    #: rootfs.diff_ids of the config, one per layer, in the same order
+    diff_ids: tuple[str, ...]
+    #: ``os/arch[/variant]`` of the image, from the index entry or the config
+    platform: str
+    index: bytes | None = None
+    index_digest: str | None = None
+    index_media_type: str | None = None
+    #: where the manifest came from (redacted base URL): a mirror or the origin
+    served_by: str = ""
+
+    @property
+    def digest(self) -> str:
+        """The digest ``docker pull`` prints: the index's when there is one."""
+        return self.index_digest or self.manifest_digest
+
+
+@dataclass(frozen=True, order=True)
+class Platform:
+    """``os/arch[/variant]``, normalised the way containerd compares them."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+
+_ARCH_ALIASES = {
+    "x86_64": ("amd64", ""),
+    "x86-64": ("amd64", ""),
+    "amd64": ("amd64", ""),
+    "aarch64": ("arm64", "v8"),
+    "arm64": ("arm64", "v8"),
+    "armv8l": ("arm", "v8"),
+    "armv7l": ("arm", "v7"),
+    "armhf": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "armel": ("arm", "v6"),
+    "armv5l": ("arm", "v5"),
+    "i386": ("386", ""),
+    "i486": ("386", ""),
+    "i586": ("386", ""),
+    "i686": ("386", ""),
+    "386": ("386", ""),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+    "mips64": ("mips64", ""),
+    "mips64el": ("mips64le", ""),
+    "loongarch64": ("loong64", ""),
+}
+
+
+def normalize_platform(os_name: str, arch: str, variant: str = "") -> Platform:
+    """Apply containerd's aliases: aarch64 → arm64/v8, x86_64 → amd64, armhf → arm/v7 …"""
+    os_name = os_name.lower()
+    arch = arch.lower()
+    variant = variant.lower()
+    if arch in _ARCH_ALIASES:
+        canon, implied = _ARCH_ALIASES[arch]
+        arch, variant = canon, variant or implied
+    if arch == "arm64" and variant in ("", "8"):
+        variant = "v8"  # arm64 and arm64/v8 are the same platform
+    if arch == "arm" and variant in ("5", "6", "7", "8"):
+        variant = "v" + variant
+    return Platform(os_name, arch, variant)
+
+
+def parse_platform(text: str) -> Platform:
+    """``linux/arm64``, ``linux/arm/v7`` → Platform; anything else is a usage error."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ReferenceError_(
+            f"invalid platform {text!r}: expected OS/ARCH or OS/ARCH/VARIANT, "
+            "for example linux/amd64"
+        )
+    return normalize_platform(*parts)
+
+
+def host_platform_default() -> Platform:
+    """The platform ``docker pull`` would pick here: linux on this machine's arch."""
+    return normalize_platform("linux", host_platform.machine() or "amd64")
+
+
+def _platform_candidates(wanted: Platform) -> list[Platform]:
+    """What satisfies ``wanted``, best first: arm/v7 also runs v6 and v5 images."""
+    if wanted.architecture == "arm" and wanted.variant in ("v8", "v7", "v6", "v5"):
+        order = ["v8", "v7", "v6", "v5"]
+        return [Platform(wanted.os, "arm", v) for v in order[order.index(wanted.variant) :]]
+    return [wanted]
+
+
+def _matches(entry: Platform, candidate: Platform, *, any_variant: bool) -> bool:
+    if (entry.os, entry.architecture) != (candidate.os, candidate.architecture):
+        return False
+    return any_variant or entry.variant == candidate.variant
+
+
+# --------------------------------------------------------------------------------------
+# Auth: challenges, credentials, tokens
+# --------------------------------------------------------------------------------------
+
+_AUTH_PARAM = re.compile(r'[\s,]*([\w!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
+_AUTH_SCHEME = re.compile(r"[\s,]*([A-Za-z][\w.+-]*)(?=\s|,|$)")
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One ``WWW-Authenticate`` challenge: ``Bearer realm="…",service="…"``."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+
+def parse_challenges(header: str) -> list[Challenge]:
+    """Parse a WWW-Authenticate value; it may hold several challenges (RFC 9110 §11.6.1)."""
+    out: list[Challenge] = []
+    scheme: str | None = None
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(header):
+        m = _AUTH_PARAM.match(header, pos)
+        if m and scheme is not None:
+            value = m.group(2)
+            if value.startswith('"') and len(value) >= 2:
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params[m.group(1).lower()] = value
+            pos = m.end()
+            continue
+        m = _AUTH_SCHEME.match(header, pos)
+        if not m:
+            break  # malformed: keep what parsed so far
+        if scheme is not None:
+            out.append(Challenge(scheme, params))
+        scheme, params = m.group(1).lower(), {}
+        pos = m.end()
+    if scheme is not None:
+        out.append(Challenge(scheme, params))
+    return out
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What ``config.json`` holds for one registry. ``repr`` never shows the secrets."""
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, secrets=<redacted>)"
+
+
+def _hub_key(host: str) -> str:
+    return DOCKER_HUB if host in _HUB_ALIASES else host
+
+
+def load_docker_credentials(config_dir: Path | None = None) -> dict[str, Credentials]:
+    """Read ``auths`` from Docker's config.json, keyed by host[:port].
+
+    ``DOCKER_CONFIG`` is honoured, then ``~/.docker``. credsStore and credHelpers are not
+    run: a missing or unreadable file means anonymous access, never an error.
+    """
+    if config_dir is None:
+        env = os.environ.get("DOCKER_CONFIG")
+        config_dir = Path(env) if env else Path.home() / ".docker"
+    path = config_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # The message of a JSONDecodeError quotes no content, only a position.
+        log.warning("ignoring docker config %s: %s", path, type(exc).__name__)
+        return {}
+    auths = raw.get("auths") if isinstance(raw, dict) else None
+    if not isinstance(auths, dict):
+        return {}
+    out: dict[str, Credentials] = {}
+    for key, entry in auths.items():
+        if not isinstance(entry, dict):
+            continue
+        # Keys are "host", "https://host" or Hub's legacy "https://index.docker.io/v1/".
+        host = _hub_key(urlsplit(key).netloc if "://" in key else key.partition("/")[0])
+        user = entry.get("username") if isinstance(entry.get("username"), str) else ""
+        password = entry.get("password") if isinstance(entry.get("password"), str) else ""
+        encoded = entry.get("auth")
+        if isinstance(encoded, str) and encoded:
+            try:
+                user, _, password = base64.b64decode(encoded).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                log.warning("ignoring undecodable auth entry for %s in %s", host, path)
+                continue
+        token = entry.get("identitytoken")
+        creds = Credentials(
+            str(user or ""), str(password or ""), token if isinstance(token, str) else ""
+        )
+        if creds.username or creds.password or creds.identity_token:
+            out[host] = creds
+    return out
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float  # on the injected clock's monotonic scale
+
+
+#: Spec default when a token server gives no expires_in; Docker uses the same floor.
+_TOKEN_MIN_LIFETIME = 60.0
+#: Refresh a token with less than this left, so a request never races its expiry.
+_TOKEN_MARGIN = 20.0
+
+
+# --------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+
+class RegistryClient:
+    """A distribution-API client for one engine: one session, one auth cache.
+
+    ``endpoint_overrides`` maps a registry name to a base URL, e.g.
+    ``{"docker.io": "http://127.0.0.1:5000"}``: for the offline lab and tests, where a local
+    registry stands in for Docker Hub.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: Config,
+        *,
+        docker_config_dir: Path | None = None,
+        clock: Clock | None = None,
+        small_get_attempts: int = 3,
+        endpoint_overrides: Mapping[str, str] | None = None,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._docker_config_dir = docker_config_dir
+        self._clock: Clock = clock or SystemClock()
+        self._small_get_attempts = max(1, small_get_attempts)
+        self._overrides = {k: v.rstrip("/") for k, v in (endpoint_overrides or {}).items()}
+        self._credentials: dict[str, Credentials] | None = None
+        self._challenges: dict[str, Challenge | None] = {}
+        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: host → monotonic time of its last failure: such hosts go last in endpoint lists
+        self._demoted: dict[str, float] = {}
+
+    # ---- where to talk to -------------------------------------------------------------
+
+    def is_insecure(self, host: str) -> bool:
+        """Plain HTTP for this host[:port]? As dockerd: listed, or loopback."""
+        hostname = urlsplit(f"//{host}").hostname or host
+        for entry in self._config.insecure_registries:
+            entry = entry.strip().rstrip("/")
+            if "://" in entry:
+                entry = urlsplit(entry).netloc
+            if entry in (host, hostname):
+                return True
+            if "/" in entry:  # a CIDR, as dockerd allows
+                try:
+                    if ipaddress.ip_address(hostname) in ipaddress.ip_network(entry, False):
+                        return True
+                except ValueError:
+                    pass
+        if hostname == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(hostname).is_loopback
+        except ValueError:
+            return False
+
+    def origin_url(self, ref: Reference) -> str:
+        """The base URL (scheme://host[:port]) of the reference's own registry."""
+        if ref.registry in self._overrides:
+            return self._overrides[ref.registry]
+        host = ref.api_host
+        return f"{'http' if self.is_insecure(host) else 'https'}://{host}"
+
+    def base_urls(self, ref: Reference) -> list[str]:
+        """Mirrors first (Docker Hub images only, as dockerd), then the origin."""
+        bases: list[str] = []
+        if ref.is_docker_hub:
+            bases += [m.strip().rstrip("/") for m in self._config.registry_mirrors if m.strip()]
+        bases.append(self.origin_url(ref))
+        # A host that failed lately goes to the back; the origin stays the last resort
+        # among equals because sorted() is stable.
+        return sorted(bases, key=lambda b: self._demoted.get(_host_of(b), float("-inf")))
+
+    def note_failure(self, url: str) -> None:
+        """A host failed (no connection, 5xx, Range ignored): try it last from now on."""
+        host = _host_of(url)
+        self._demoted[host] = self._clock.monotonic()
+        log.info("demoting %s after a failure", host)
+
+    def note_success(self, url: str) -> None:
+        """A host served us well again: restore its configured place."""
+        self._demoted.pop(_host_of(url), None)
+
+    # ---- auth ---------------------------------------------------------------------------
+
+    def _creds_for(self, host: str) -> Credentials | None:
+        if self._credentials is None:
+            self._credentials = load_docker_credentials(self._docker_config_dir)
+        creds = self._credentials.get(_hub_key(host))
+        if creds is None and host.endswith(":443"):
+            creds = self._credentials.get(_hub_key(host[: -len(":443")]))
+        return creds
+
+    def _lock(self, host: str, scope: str) -> asyncio.Lock:
+        return self._locks.setdefault((host, scope), asyncio.Lock())
+
+    async def auth_headers(self, host: str, scope: str) -> dict[str, str]:
+        """The Authorization for a request to ``host``, from what its challenge asked for.
+
+        A host whose challenge is not known yet gets no header: its first 401 teaches us.
+        """
+        challenge = self._challenges.get(host)
+        if challenge is None:
+            return {}
+        if challenge.scheme == "basic":
+            creds = self._creds_for(host)
+            if creds and creds.username:
+                return {"Authorization": _basic(creds.username, creds.password)}
+            return {}
+        if challenge.scheme == "bearer":
+            async with self._lock(host, scope):
+                token = self._tokens.get((host, scope))
+                if token is None or token.expires_at - self._clock.monotonic() < _TOKEN_MARGIN:
+                    token = await self._fetch_token(host, scope, challenge)
+            return {"Authorization": f"Bearer {token.value}"}
+        return {}
+
+    async def refresh_auth(
+        self, host: str, scope: str, challenge_header: str | None, sent: Mapping[str, str]
+    ) -> bool:
+        """After a 401: learn the challenge and get fresh credentials.
+
+        True when the next request will carry something new; False when there is nothing
+        left to try (no usable challenge, no credentials, or the server refused them).
+        """
+        challenges = parse_challenges(challenge_header or "")
+        usable = [c for c in challenges if c.scheme in ("bearer", "basic")]
+        # Prefer Bearer: it is what registries with both expect clients to use.
+        usable.sort(key=lambda c: c.scheme != "bearer")
+        if not usable:
+            log.info("401 from %s without a usable challenge", host)
+            return False
+        challenge = usable[0]
+        self._challenges[host] = challenge
+        if challenge.scheme == "basic":
+            creds = self._creds_for(host)
+            if not creds or not creds.username:
+                return False
+            return sent.get("Authorization") != _basic(creds.username, creds.password)
+        if "realm" not in challenge.params:
+            raise RegistryError(f"{host}: Bearer challenge without a realm")
+        async with self._lock(host, scope):
+            current = self._tokens.get((host, scope))
+            # Another transfer may have refreshed while this one waited for the lock.
+            if (
+                current is not None
+                and sent.get("Authorization") != f"Bearer {current.value}"
+                and current.expires_at - self._clock.monotonic() >= _TOKEN_MARGIN
+            ):
+                return True
+            await self._fetch_token(host, scope, challenge)
+        return True
+
+    async def _fetch_token(self, host: str, scope: str, challenge: Challenge) -> _Token:
+        realm = challenge.params.get("realm", "")
+        if not realm.startswith(("http://", "https://")):
+            raise RegistryError(f"{host}: token realm {redact_url(realm)!r} is not an HTTP URL")
+        service = challenge.params.get("service")
+        creds = self._creds_for(host)
+        try:
+            if creds and creds.identity_token:
+                # An identity token is an OAuth2 refresh token: POST it, as docker login's
+                # tokens require.
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "resumer",
+                    "scope": scope,
+                }
+                if service:
+                    form["service"] = service
+                resp_cm = self._session.post(realm, data=form)
+            else:
+                params = {"scope": scope}
+                if service:
+                    params["service"] = service
+                headers = {}
+                if creds and creds.username:
+                    headers["Authorization"] = _basic(creds.username, creds.password)
+                resp_cm = self._session.get(realm, params=params, headers=headers)
+            async with resp_cm as resp:
+                body = await _read_limited(resp, 1 << 20)
+                status = resp.status
+                retry_after = _retry_after(resp.headers)
+        except aiohttp.ClientError as exc:
+            raise _map_client_error(exc, redact_url(realm)) from exc
+        except TimeoutError as exc:
+            raise ConnectionCutError(f"{redact_url(realm)}: timed out") from exc
+        log.debug("token request to %s for %s: HTTP %d", redact_url(realm), scope, status)
+        if status in (401, 403):
+            raise AccessDeniedError(
+                f"{host}: the token server {redact_url(realm)} refused "
+                f"{'the credentials from config.json' if creds else 'anonymous access'} "
+                f"for {scope} (HTTP {status})",
+                status=status,
+            )
+        if status != 200:
+            raise _status_error(status, f"token server {redact_url(realm)}", retry_after)
+        try:
+            doc = json.loads(body)
+            value = doc.get("token") or doc.get("access_token")
+            expires_in = doc.get("expires_in", 0)
+            if not isinstance(value, str) or not value:
+                raise ValueError("no token")
+            lifetime = float(expires_in) if isinstance(expires_in, int | float) else 0.0
+        except (ValueError, AttributeError) as exc:
+            raise RegistryError(
+                f"{host}: the token server {redact_url(realm)} sent no usable token"
+            ) from exc
+        token = _Token(value, self._clock.monotonic() + max(lifetime, _TOKEN_MIN_LIFETIME))
+        self._tokens[(host, scope)] = token
+        return token
+
+    # ---- small GETs -------------------------------------------------------------------
+
+    async def _get_once(
+        self, url: str, scope: str, headers: Mapping[str, str], limit: int
+    ) -> _Response:
+        """One GET, with at most one auth refresh; maps every failure into our errors."""
+        host = _host_of(url)
+        refreshed = False
+        while True:
+            sent = {**headers, **await self.auth_headers(host, scope)}
+            try:
+                # Small objects may be redirected (pre-signed storage URLs); aiohttp drops
+                # Authorization when a redirect changes origin, so letting it follow is safe.
+                async with self._session.get(url, headers=sent) as resp:
+                    challenge = ", ".join(resp.headers.getall("WWW-Authenticate", []))
+                    limit_now = limit if resp.status == 200 else 1 << 16
+                    result = _Response(
+                        resp.status,
+                        dict(resp.headers),
+                        await _read_limited(resp, limit_now),
+                        str(resp.url),
+                    )
+            except aiohttp.ClientError as exc:
+                raise _map_client_error(exc, redact_url(url)) from exc
+            except TimeoutError as exc:
+                raise ConnectionCutError(f"{redact_url(url)}: timed out") from exc
+            if result.status not in (401, 403):
+                return result
+            # One refresh per request: a 401 teaches the challenge or means the token
+            # expired; a 403 that carries a challenge may mean a token of too narrow a scope.
+            if not refreshed and (result.status == 401 or challenge):
+                refreshed = True
+                if await self.refresh_auth(host, scope, challenge or None, sent):
+                    continue
+            raise AccessDeniedError(
+                f"{redact_url(url)}: access denied (HTTP {result.status})"
+                + _registry_message(result.body),
+                status=result.status,
+            )
+
+    async def _get_small(
+        self,
+        ref: Reference,
+        kind: str,
+        ident: str,
+        *,
+        accept: str | None,
+        limit: int,
+    ) -> tuple[_Response, str]:
+        """GET a manifest or small blob: mirrors once each, then the origin with retries."""
+        bases = self.base_urls(ref)
+        scope = _pull_scope(ref)
+        headers = {"Accept": accept} if accept else {}
+        headers["Accept-Encoding"] = "identity"
+        last: ResumerError | None = None
+        for i, base in enumerate(bases):
+            is_last = i == len(bases) - 1
+            url = f"{base}/v2/{ref.repository}/{kind}/{ident}"
+            attempts = self._small_get_attempts if is_last else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    resp = await self._get_once(url, scope, headers, limit)
+                    if resp.status != 200:
+                        raise _status_error(
+                            resp.status,
+                            f"{redact_url(url)}",
+                            _retry_after(resp.headers),
+                            resp.body,
+                        )
+                    return resp, base
+                except ResumerError as exc:
+                    last = exc
+                    if not is_last:
+                        # dockerd falls back from a mirror on any error: the origin decides.
+                        log.info("mirror %s failed (%s); trying the next", redact_url(base), exc)
+                        break
+                    if not exc.retryable or attempt == attempts:
+                        raise
+                    delay = attempt * self._config.retry_delay
+                    after = getattr(exc, "retry_after", None)
+                    if isinstance(after, int | float) and after > delay:
+                        delay = after
+                    log.info("%s; retrying in %.0f s", exc, delay)
+                    await self._clock.sleep(delay)
+        assert last is not None
+        raise last
+
+    # ---- resolve ------------------------------------------------------------------------
+
+    async def resolve(self, ref: Reference | str, platform: str | None = None) -> ResolvedImage:
+        """Resolve a reference to its manifest, config and ordered layers for one platform."""
+        if isinstance(ref, str):
+            ref = parse_reference(ref)
+        wanted_text = platform or self._config.platform
+        explicit = wanted_text is not None
+        wanted = parse_platform(wanted_text) if wanted_text else host_platform_default()
+
+        resp, base = await self._get_small(
+            ref, "manifests", ref.manifest_ref, accept=MANIFEST_ACCEPT, limit=MAX_MANIFEST_BYTES
+        )
+        what = str(ref)
+        top_digest = _check_manifest_digest(what, resp, ref.digest)
+        doc = _load_json(what, resp.body)
+        media_type = _media_type(what, doc, resp.headers.get("Content-Type", ""))
+
+        index: tuple[bytes, str, str] | None = None
+        chosen_platform: Platform | None = None
+        if media_type in _INDEXES:
+            index = (resp.body, top_digest, media_type)
+            desc, chosen_platform = _pick_platform(what, doc, wanted)
+            child = ref.__class__(ref.registry, ref.repository, ref.tag, desc["digest"])
+            resp, base = await self._get_small(
+                child,
+                "manifests",
+                desc["digest"],
+                accept=MANIFEST_ACCEPT,
+                limit=MAX_MANIFEST_BYTES,
+            )
+            what = f"{ref.name}@{desc['digest']}"
+            manifest_digest = _check_manifest_digest(what, resp, desc["digest"])
+            if isinstance(desc.get("size"), int) and desc["size"] != len(resp.body):
+                raise RegistryError(
+                    f"manifest {what}: {len(resp.body)} bytes, the index says {desc['size']}"
+                )
+            doc = _load_json(what, resp.body)
+            media_type = _media_type(what, doc, resp.headers.get("Content-Type", ""))
+            if media_type not in _MANIFESTS:
+                raise RegistryError(f"manifest {what}: the index points to a {media_type}")
+        else:
+            manifest_digest = top_digest
+
+        config_desc, layers = _parse_image_manifest(what, doc)
+        config_resp, _ = await self._get_small(
+            ref,
+            "blobs",
+            config_desc.digest,
+            accept=None,
+            limit=min(config_desc.size, MAX_CONFIG_BYTES)
+            if config_desc.size > 0
+            else MAX_CONFIG_BYTES,
+        )
+        config_bytes = config_resp.body
+        if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != config_desc.digest:
+            raise DigestMismatchError(
+                f"config {config_desc.digest} of {what}: content does not match its digest",
+                resumed=False,
+            )
+        diff_ids, config_platform = _parse_config(what, config_desc.digest, config_bytes)
+        if len(diff_ids) != len(layers):
+            raise RegistryError(
+                f"manifest {what}: {len(layers)} layers but the config lists "
+                f"{len(diff_ids)} diff_ids"
+            )
+        if chosen_platform is None:
+            chosen_platform = config_platform
+            if explicit and not any(
+                _matches(config_platform, c, any_variant=not c.variant)
+                for c in _platform_candidates(wanted)
+            ):
+                raise PlatformNotFoundError(
+                    f"{ref}: no image for platform {wanted}; available: {config_platform}"
+                )
+        log.info("resolved %s to %s via %s", ref, manifest_digest, redact_url(base))
+        return ResolvedImage(
+            reference=ref,
+            manifest=resp.body,
+            manifest_digest=manifest_digest,
+            manifest_media_type=media_type,
+            config=config_bytes,
+            config_digest=config_desc.digest,
+            config_media_type=config_desc.media_type,
+            layers=tuple(layers),
+            diff_ids=tuple(diff_ids),
+            platform=str(chosen_platform),
+            index=index[0] if index else None,
+            index_digest=index[1] if index else None,
+            index_media_type=index[2] if index else None,
+            served_by=redact_url(base),
+        )
+
+    # ---- layer blobs --------------------------------------------------------------------
+
+    def blob_source(self, ref: Reference | str, digest: str) -> RegistryBlobSource:
+        """A ``Source`` for one blob of ``ref``'s repository: mirrors first, then the origin."""
+        if isinstance(ref, str):
+            ref = parse_reference(ref)
+        if not _DIGEST.match(digest):
+            raise RegistryError(f"invalid blob digest {digest!r}")
+        return RegistryBlobSource(self, ref, digest)
+
+
+class RegistryBlobSource:
+    """Where one layer blob lives: ``/v2/<repo>/blobs/<digest>`` on each mirror and the origin.
+
+    The transfer loop should, on every attempt:
+
+    1. call ``endpoints()`` (fresh tokens, demoted hosts last) and try them in order;
+    2. on a connect failure, 5xx or 404 from an endpoint that is not the last, call
+       ``note_failure(endpoint)`` and move on to the next endpoint in the same attempt;
+    3. on a 401 (``UnauthorizedError``), call ``refresh_auth(endpoint, exc.challenge)`` once
+       and, if True, retry the same endpoint from ``endpoints()`` without counting an
+       attempt; a second 401/403 is ``AccessDeniedError``.
+    """
+
+    def __init__(self, client: RegistryClient, ref: Reference, digest: str) -> None:
+        self._client = client
+        self.reference = ref
+        self.digest = digest
+        self._scope = _pull_scope(ref)
+
+    @property
+    def display(self) -> str:
+        return f"{self.reference.name}@{self.digest}"
+
+    async def endpoints(self) -> list[Endpoint]:
+        out: list[Endpoint] = []
+        bases = self._client.base_urls(self.reference)
+        for base in bases:
+            host = _host_of(base)
+            try:
+                headers = await self._client.auth_headers(host, self._scope)
+            except TransientError as exc:
+                if base == bases[-1] or len(bases) == 1:
+                    raise
+                # A mirror whose token server is down must not block the origin.
+                log.info("skipping %s this attempt: %s", redact_url(base), exc)
+                continue
+            url = f"{base}/v2/{self.reference.repository}/blobs/{self.digest}"
+            out.append(Endpoint(url, headers, host))
+        return out
+
+    async def refresh_auth(self, endpoint: Endpoint, challenge: str | None) -> bool:
+        return await self._client.refresh_auth(
+            endpoint.host, self._scope, challenge, endpoint.headers
+        )
+
+    def note_failure(self, endpoint: Endpoint) -> None:
+        """This endpoint's host failed: every source of this client tries it last for now."""
+        self._client.note_failure(endpoint.url)
+
+    def note_success(self, endpoint: Endpoint) -> None:
+        self._client.note_success(endpoint.url)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers: parsing and error mapping
+# --------------------------------------------------------------------------------------
+
+
+def _host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc.rpartition("@")[2]
+
+
+def _pull_scope(ref: Reference) -> str:
+    return f"repository:{ref.repository}:pull"
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes so a hostile server cannot fill memory."""
+    if resp.content_length is not None and resp.content_length > limit and resp.status == 200:
+        raise RegistryError(
+            f"{redact_url(str(resp.url))}: {resp.content_length} bytes, more than {limit}"
+        )
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        buf += chunk
+        if len(buf) > limit:
+            raise RegistryError(f"{redact_url(str(resp.url))}: more than {limit} bytes")
+    return bytes(buf)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from registries; the linear delay applies
+
+
+def _registry_message(body: bytes) -> str:
+    """The distribution API's ``{"errors": [{"code", "message"}]}``, for error texts."""
+    try:
+        errors = json.loads(body).get("errors")
+        first = errors[0]
+        return f": {first.get('code', '')} {first.get('message', '')}".rstrip()
+    except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+        return ""
+
+
+def _status_error(
+    status: int, what: str, retry_after: float | None, body: bytes = b""
+) -> TransferError | RegistryError:
+    detail = _registry_message(body)
+    if status == 404:
+        return NotFoundError(f"{what}: not found (HTTP 404){detail}", status=404)
+    if status in (408, 429) or status >= 500:
+        return ServerError(f"{what}: HTTP {status}{detail}", status=status, retry_after=retry_after)
+    if status in (401, 403):
+        return AccessDeniedError(f"{what}: access denied (HTTP {status}){detail}", status=status)
+    return RegistryError(f"{what}: unexpected HTTP {status}{detail}")
+
+
+def _map_client_error(exc: aiohttp.ClientError, what: str) -> ResumerError:
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return RegistryError(f"{what}: too many redirects")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return RegistryError(f"{what}: invalid URL")
+    # Connection refused/reset, a body cut short, a read timeout: all "try again".
+    return ConnectionCutError(f"{what}: {type(exc).__name__}: {_safe_reason(exc)}")
+
+
+def _safe_reason(exc: BaseException) -> str:
+    # aiohttp messages can quote the request URL, which may be pre-signed: redact URLs.
+    return re.sub(r"https?://[^\s'\"]+", lambda m: redact_url(m.group(0)), str(exc))
+
+
+def _check_manifest_digest(what: str, resp: _Response, pinned: str | None) -> str:
+    digest = "sha256:" + hashlib.sha256(resp.body).hexdigest()
+    if pinned is not None and digest != pinned:
+        raise DigestMismatchError(
+            f"manifest {what}: content hashes to {digest}, not the pinned {pinned}",
+            resumed=False,
+        )
+    header = resp.headers.get("Docker-Content-Digest")
+    if header and header.strip() != digest:
+        raise DigestMismatchError(
+            f"manifest {what}: content hashes to {digest} but the registry says "
+            f"Docker-Content-Digest {header.strip()}",
+            resumed=False,
+        )
+    return digest
+
+
+def _load_json(what: str, body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"manifest {what}: not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise RegistryError(f"manifest {what}: not a JSON object")
+    return doc
+
+
+def _media_type(what: str, doc: Mapping[str, Any], content_type: str) -> str:
+    declared = doc.get("mediaType")
+    header = content_type.partition(";")[0].strip()
+    if doc.get("schemaVersion") == 1 or declared in _SCHEMA1 or header in _SCHEMA1:
+        raise RegistryError(
+            f"manifest {what}: Docker schema1 manifests are not supported "
+            "(the registry should serve schema2 or OCI; it did not honour Accept)"
+        )
+    if doc.get("schemaVersion") != 2:
+        raise RegistryError(
+            f"manifest {what}: unsupported schemaVersion {doc.get('schemaVersion')!r}"
+        )
+    for candidate in (declared, header):
+        if isinstance(candidate, str) and candidate in _INDEXES | _MANIFESTS:
+            return candidate
+    # OCI makes mediaType optional: infer it from the shape.
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "config" in doc and "layers" in doc:
+        return OCI_MANIFEST
+    raise RegistryError(f"manifest {what}: unknown media type {declared or header or '(none)'!r}")
+
+
+def _descriptor(what: str, field: str, raw: Any) -> LayerDescriptor:
+    if not isinstance(raw, dict):
+        raise RegistryError(f"manifest {what}: {field} is not an object")
+    digest, size, media_type = raw.get("digest"), raw.get("size"), raw.get("mediaType")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise RegistryError(f"manifest {what}: {field} has a missing or non-sha256 digest")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise RegistryError(f"manifest {what}: {field} has a missing or invalid size")
+    if not isinstance(media_type, str) or not media_type:
+        raise RegistryError(f"manifest {what}: {field} has no mediaType")
+    return LayerDescriptor(digest, size, media_type)
+
+
+def _parse_image_manifest(
+    what: str, doc: Mapping[str, Any]
+) -> tuple[LayerDescriptor, list[LayerDescriptor]]:
+    if "config" not in doc:
+        raise RegistryError(f"manifest {what}: no config descriptor")
+    config = _descriptor(what, "config", doc["config"])
+    if config.media_type not in _IMAGE_CONFIGS:
+        raise RegistryError(
+            f"manifest {what}: not a container image (config media type {config.media_type})"
+        )
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise RegistryError(f"manifest {what}: 'layers' is missing or not a list")
+    layers = [_descriptor(what, f"layers[{i}]", raw) for i, raw in enumerate(raw_layers)]
+    return config, layers
+
+
+def _parse_config(what: str, digest: str, body: bytes) -> tuple[list[str], Platform]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"config {digest} of {what}: not valid JSON") from exc
+    rootfs = doc.get("rootfs") if isinstance(doc, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(
+        isinstance(d, str) and _DIGEST.match(d) for d in diff_ids
+    ):
+        raise RegistryError(
+            f"config {digest} of {what}: rootfs.diff_ids is missing or not a list of sha256 digests"
+        )
+    assert isinstance(doc, dict)
+    plat = normalize_platform(
+        str(doc.get("os") or "unknown"),
+        str(doc.get("architecture") or "unknown"),
+        str(doc.get("variant") or ""),
+    )
+    return list(diff_ids), plat
+
+
+def _pick_platform(
+    what: str, doc: Mapping[str, Any], wanted: Platform
+) -> tuple[dict[str, Any], Platform]:
+    entries = doc.get("manifests")
+    if not isinstance(entries, list):
+        raise RegistryError(f"index {what}: 'manifests' is missing or not a list")
+    available: list[tuple[Platform, dict[str, Any]]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise RegistryError(f"index {what}: manifests[{i}] is not an object")
+        if not isinstance(entry.get("digest"), str) or not _DIGEST.match(entry["digest"]):
+            raise RegistryError(f"index {what}: manifests[{i}] has a missing or bad digest")
+        plat = entry.get("platform")
+        if not isinstance(plat, dict):
+            continue
+        p = normalize_platform(
+            str(plat.get("os", "")),
+            str(plat.get("architecture", "")),
+            str(plat.get("variant") or ""),
+        )
+        if p.os == "unknown" or p.architecture == "unknown":
+            continue  # buildx attestations, not images
+        available.append((p, entry))
+    for candidate in _platform_candidates(wanted):
+        # An exact variant first; a request without a variant takes the first of its arch.
+        for p, entry in available:
+            if _matches(p, candidate, any_variant=not candidate.variant):
+                if entry.get("mediaType") in _INDEXES:
+                    raise RegistryError(f"index {what}: nested indexes are not supported")
+                return entry, p
+    names = ", ".join(sorted({str(p) for p, _ in available})) or "none"
+    raise PlatformNotFoundError(
+        f"{what}: no manifest for platform {wanted}; available platforms: {names}"
+    )
