@@ -22,7 +22,7 @@ from servers import (
     SKOPEO_BIN,
     Nginx,
     Registry,
-    missing_binaries,
+    require,
     skopeo_copy,
     start_nginx,
     start_registry,
@@ -36,16 +36,6 @@ from resumer.lab.images import (
     build_multiplatform,
     write_oci_layout,
 )
-
-
-def require(*binaries: str) -> None:
-    """Skip the test, naming the Debian package, when a binary is missing."""
-    packages = {REGISTRY_BIN: "docker-registry", NGINX_BIN: "nginx-light", SKOPEO_BIN: "skopeo"}
-    missing = missing_binaries(*binaries)
-    if missing:
-        names = ", ".join(f"{b} (apt-get install {packages.get(b, b)})" for b in missing)
-        pytest.skip(f"not on PATH: {names}")
-
 
 RegistryFactory = Callable[..., Registry]
 NginxFactory = Callable[..., Nginx]

@@ -37,6 +37,19 @@ def missing_binaries(*names: str) -> list[str]:
     return [n for n in names if shutil.which(n) is None]
 
 
+PACKAGES = {REGISTRY_BIN: "docker-registry", NGINX_BIN: "nginx-light", SKOPEO_BIN: "skopeo"}
+
+
+def require(*binaries: str) -> None:
+    """In a test: skip it, naming the Debian package, when a binary is missing."""
+    missing = missing_binaries(*binaries)
+    if missing:
+        import pytest  # only when used from a test: the helpers stay importable without it
+
+        names = ", ".join(f"{b} (apt-get install {PACKAGES.get(b, b)})" for b in missing)
+        pytest.skip(f"not on PATH: {names}")
+
+
 def free_port() -> int:
     """A port that was free a moment ago. Callers retry if another process takes it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
