@@ -84,3 +84,130 @@ class Stats:
         d = asdict(self)
         d.pop("discards")
         return d
+
+
+# --- renderers ------------------------------------------------------------------------
+
+
+class JsonRenderer:
+    """One JSON object per line, in Docker's JSON message shape."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def __call__(self, event: Event) -> None:
+        import json
+
+        self.out.write(json.dumps(event.to_json()) + "\n")
+        self.out.flush()
+
+    def stats(self, stats: Stats) -> None:
+        import json
+
+        self.out.write(json.dumps({"stats": stats.to_json()}) + "\n")
+        self.out.flush()
+
+
+class PlainRenderer:
+    """One line per state change, for logs: progress lines only when the status changes."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self._last: dict[str, str] = {}
+
+    def __call__(self, event: Event) -> None:
+        if event.error is not None:
+            self.out.write(f"error: {event.error}\n")
+        elif self._last.get(event.id) != event.status or event.status in (RESUMING, RETRYING):
+            self._last[event.id] = event.status
+            prefix = f"{event.id}: " if event.id else ""
+            detail = ""
+            if event.status == DOWNLOADING and event.total:
+                detail = f" {format_bytes(event.current or 0)}/{format_bytes(event.total)}"
+            self.out.write(f"{prefix}{event.text}{detail}\n")
+        self.out.flush()
+
+    def stats(self, stats: Stats) -> None:
+        self.out.write(format_stats(stats) + "\n")
+        self.out.flush()
+
+
+class TtyRenderer:
+    """Live per-layer lines redrawn in place, like docker pull."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self._order: list[str] = []
+        self._lines: dict[str, str] = {}
+        self._drawn = 0
+
+    def __call__(self, event: Event) -> None:
+        if event.error is not None:
+            self._redraw()
+            self.out.write(f"error: {event.error}\n")
+            self._drawn = 0
+            self.out.flush()
+            return
+        if not event.id:
+            self._redraw()
+            self.out.write(event.text + "\n")
+            self._drawn = 0
+            self.out.flush()
+            return
+        if event.id not in self._lines:
+            self._order.append(event.id)
+        self._lines[event.id] = f"{event.id}: {event.text}{_bar(event)}"
+        self._redraw()
+
+    def _redraw(self) -> None:
+        if self._drawn:
+            self.out.write(f"\x1b[{self._drawn}A")
+        for lid in self._order:
+            self.out.write("\x1b[2K" + self._lines[lid] + "\n")
+        self._drawn = len(self._order)
+        self.out.flush()
+
+    def stats(self, stats: Stats) -> None:
+        self.out.write(format_stats(stats) + "\n")
+        self.out.flush()
+
+
+def _bar(event: Event) -> str:
+    if event.status != DOWNLOADING or not event.total:
+        return ""
+    width = 50
+    cur = event.current or 0
+    filled = min(width, width * cur // event.total)
+    arrow = ">" if filled < width else ""
+    return (f" [{'=' * max(0, filled - len(arrow))}{arrow}{' ' * (width - filled)}]"
+            f"  {format_bytes(cur)}/{format_bytes(event.total)}")
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.3g}{unit}" if unit != "B" else f"{n}B"
+        value /= 1000
+    return f"{n}B"
+
+
+def format_stats(stats: Stats) -> str:
+    ratio = stats.wire_bytes / stats.payload_bytes if stats.payload_bytes else 0.0
+    return (
+        f"Stats: payload {stats.payload_bytes} B, wire {stats.wire_bytes} B "
+        f"({ratio:.3f}x), wasted {stats.wasted_bytes} B, attempts {stats.attempts}, "
+        f"resumes {stats.resumes}"
+    )
+
+
+Renderer = JsonRenderer | PlainRenderer | TtyRenderer
+
+
+def renderer(mode: str, out: Any) -> Renderer | None:
+    """The renderer for ``--progress``; ``auto`` is tty on a terminal, else plain."""
+    if mode == "auto":
+        mode = "tty" if getattr(out, "isatty", lambda: False)() else "plain"
+    if mode == "none":
+        return None
+    return {"json": JsonRenderer, "plain": PlainRenderer, "tty": TtyRenderer}[mode](out)

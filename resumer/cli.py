@@ -1,0 +1,198 @@
+"""The ``resumer`` command: argument parsing → Engine; errors → exit codes.
+
+Exit codes: 0 done; 1 failed (budget exhausted, permanent server error); 2 usage or
+config error; 130 interrupted, partials kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import config as cfgmod
+from . import progress as P
+from .config import Config
+from .errors import ResumerError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # usage errors exit 2, like argparse, no traceback
+        self.print_usage(sys.stderr)
+        _usage_exit(message)
+
+
+def _usage_exit(message: str) -> Any:
+    sys.stderr.write(f"resumer: error: {message}\n")
+    raise SystemExit(EXIT_USAGE)
+
+
+def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
+    p.add_argument("--root", type=Path, help="state directory (default: $RESUMER_ROOT, "
+                   "else $XDG_DATA_HOME/resumer, else ~/.local/share/resumer)")
+    p.add_argument("--config", type=Path, help="JSON config file with dockerd's key names")
+    p.add_argument("--progress", choices=["auto", "tty", "plain", "json", "none"])
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    if transfer:
+        p.add_argument("--max-download-attempts", type=int, metavar="N")
+        p.add_argument("--max-concurrent-downloads", type=int, metavar="N")
+        p.add_argument("--retry-delay", type=float, metavar="SECONDS")
+        p.add_argument("--stall-timeout", type=float, metavar="SECONDS")
+        p.add_argument("--low-speed-limit", type=int, metavar="BYTES_PER_S")
+        p.add_argument("--low-speed-time", type=float, metavar="SECONDS")
+        p.add_argument("--chunk-size", type=int, metavar="BYTES", help=argparse.SUPPRESS)
+        p.add_argument("--no-checkpoints", action="store_true", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="resumer", description="Resumable container image pulls for bad links.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fetch", help="download one URL resumably, verified before it appears")
+    f.add_argument("url")
+    f.add_argument("--digest", help="expected sha256:HEX (without it: keyed by URL + ETag)")
+    f.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    _common(f)
+
+    s = sub.add_parser("status", help="unfinished transfers: offset/size, attempts, waste")
+    s.add_argument("--json", action="store_true")
+    _common(s, transfer=False)
+
+    for name, register in _EXTRA_COMMANDS.items():
+        register(sub)
+    return parser
+
+
+#: Other modules add subcommands here (pull, resume, demo) without cli importing cycles.
+_EXTRA_COMMANDS: dict[str, Callable[[Any], None]] = {}
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {
+        k: getattr(args, k, None)
+        for k in ("max_download_attempts", "max_concurrent_downloads", "retry_delay",
+                  "stall_timeout", "low_speed_limit", "low_speed_time", "chunk_size",
+                  "progress", "platform")
+    }
+    if getattr(args, "no_checkpoints", False):
+        flags["checkpoints"] = False
+    mirrors = getattr(args, "registry_mirror", None)
+    if mirrors:
+        flags["registry_mirrors"] = tuple(mirrors)
+    insecure = getattr(args, "insecure_registry", None)
+    if insecure:
+        flags["insecure_registries"] = tuple(insecure)
+    return cfgmod.build(flags, config_file=args.config)
+
+
+def root_of(args: argparse.Namespace) -> Path:
+    return args.root if args.root is not None else cfgmod.default_root()
+
+
+async def _fetch(args: argparse.Namespace, config: Config) -> int:
+    from .engine import Engine
+
+    render = P.renderer(config.progress, sys.stdout)
+    out = args.output
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; give a file name")
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"output {out}: directory {out.absolute().parent} does not exist")
+    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+        try:
+            result = await engine.fetch(args.url, digest=args.digest, dest=out,
+                                        on_progress=render or P.ignore)
+        finally:
+            pass
+    if render is not None:
+        if not isinstance(render, P.JsonRenderer):
+            sys.stdout.write(f"Digest: {result.digest}\n")
+        render.stats(result.stats)
+    return EXIT_OK
+
+
+async def _status(args: argparse.Namespace, config: Config) -> int:
+    from .status import collect, render_text
+
+    report = await collect(root_of(args), config)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_text(report))
+    return EXIT_OK
+
+
+_HANDLERS.update({"fetch": _fetch, "status": _status})
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"resumer: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extra_commands()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except ResumerError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    try:
+        return asyncio.run(_run(args, config))
+    except KeyboardInterrupt:
+        _say("interrupted; partial downloads are kept, run the same command again to resume")
+        return EXIT_INTERRUPTED
+    except ResumerError as exc:
+        _emit_error(config, str(exc))
+        return exc.exit_code
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    # SIGTERM and SIGINT cancel the run: the partials get their last checkpoint.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await _HANDLERS[args.command](args, config)
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+
+
+def _emit_error(config: Config, message: str) -> None:
+    if config.progress == "json":
+        sys.stdout.write(json.dumps({"error": message, "errorDetail": {"message": message}})
+                         + "\n")
+        sys.stdout.flush()
+    _say(message)
+
+
+def _load_extra_commands() -> None:
+    # Commands that live in their own modules register themselves on import.
+    import importlib
+
+    for mod in ("resumer.pullcli", "resumer.demo"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

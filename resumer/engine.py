@@ -1,0 +1,157 @@
+"""The Engine: one root, one state database, one HTTP session, one transfer manager.
+
+    async with Engine.open(root, Config()) as engine:
+        result = await engine.fetch(url, digest="sha256:…", dest=path)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from . import progress as P
+from .clock import Clock, SystemClock
+from .config import Config
+from .digest import Digest
+from .errors import StoreError
+from .ingest import Ingest
+from .progress import Stats
+from .rootlock import RootLock
+from .source import UrlSource, redact_url
+from .store import Store
+from .transfer import BlobRequest, TransferContext, TransferManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchResult:
+    path: Path
+    digest: str
+    size: int
+    stats: Stats = field(default_factory=Stats)
+    attempts: int = 0
+
+
+def url_key(url: str) -> str:
+    """A transfer key for a URL fetched without a digest. Hashed: URLs may hold secrets."""
+    return "url:" + hashlib.sha256(url.encode()).hexdigest()
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    # total=None: a layer may take hours on a satellite link; stalls are our watchdog's job.
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=config.connect_timeout or None,
+        sock_read=None,
+    )
+    return aiohttp.ClientSession(
+        timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
+        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+    )
+
+
+class Engine:
+    """Everything a process needs to pull and fetch into one root."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: Config,
+        store: Store,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+    ) -> None:
+        self.root = root
+        self.config = config
+        self.store = store
+        self.session = session
+        self.clock = clock
+        self.run_id = uuid.uuid4().hex
+        self.ingest = Ingest(root, store, config, clock)
+        self.ctx = TransferContext(session, store, self.ingest, config, clock, self.run_id)
+        self.transfers = TransferManager(self.ctx)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        root: Path,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        lock_timeout: float | None = None,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> AsyncIterator[Engine]:
+        """Open ``root`` (created if needed), holding its lock until the block ends."""
+        config = config or Config()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create root {root}: {exc.strerror or exc}") from exc
+        lock = RootLock(root)
+        await lock.acquire(timeout=lock_timeout, on_wait=on_wait)
+        try:
+            store = await Store.open(root / "state.db", clock=clock)
+            try:
+                async with make_session(config) as session:
+                    yield cls(root, config, store, session, clock or SystemClock())
+            finally:
+                await store.close()
+        finally:
+            lock.release()
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        digest: str | None = None,
+        dest: Path | None = None,
+        on_progress: P.ProgressCallback = P.ignore,
+        headers: dict[str, str] | None = None,
+    ) -> FetchResult:
+        """Download one URL resumably; ``dest`` appears only once the content is verified."""
+        if digest is not None:
+            digest = str(Digest.parse(digest))
+        source = UrlSource(url, headers)
+        key = digest or url_key(url)
+        req = BlobRequest(key, source, digest=digest)
+        log.info("fetch %s -> %s", redact_url(url), key)
+        result = await self.transfers.fetch(req, on_progress)
+        if dest is not None:
+            # A blob that was already in the store may be shared by images: copy it.
+            # One this fetch brought in is moved out, so a 1 GiB fetch costs no copy.
+            await asyncio.to_thread(publish, result.path, dest, move=not result.existed)
+        return FetchResult(dest or result.path, result.digest, result.size, result.stats,
+                           result.attempts)
+
+
+def publish(blob: Path, dest: Path, *, move: bool) -> None:
+    """Make a verified blob appear at ``dest`` atomically: rename, else copy then rename."""
+    dest = dest.absolute()
+    if move:
+        try:
+            os.replace(blob, dest)
+        except OSError:
+            move = False
+    if not move:
+        # Never hardlink: a user editing dest would silently corrupt the content store.
+        tmp = dest.with_name(f".{dest.name}.resumer-tmp")
+        shutil.copyfile(blob, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,475 @@
+"""Partial blobs under ``ROOT/ingest/``: append, checkpoint, verify on reopen, commit.
+
+The shape follows containerd's content store: a writer keyed by a ref that starts *or
+resumes*, and one ``commit`` where content becomes visible. What we add is a chunk hash
+record per chunk, so reopening verifies the partial instead of trusting it.
+
+Invariants kept here (DESIGN.md):
+1. Recorded before trusted; synced before counted as durable. Each chunk's xxh3 is
+   recorded once written; the durable offset only advances after fdatasync.
+2. Never trust a partial file: reopen verifies every recorded chunk in order, cuts at the
+   first bad or unrecorded one and rebuilds sha256 from the verified prefix, off the loop.
+3. Verified before visible: commit = fdatasync, size and digest check, rename, fsync dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .clock import Clock
+from .config import Config
+from .digest import Digest, to_signed
+from .errors import DigestMismatchError, StoreError, TransferError
+from .store import Store, TransferState
+
+log = logging.getLogger(__name__)
+
+_READ = 1 << 20
+
+
+def key_filename(key: str) -> str:
+    return key.replace(":", "-").replace("/", "_")
+
+
+@dataclass(frozen=True)
+class Reopened:
+    """What reopening a partial found."""
+
+    offset: int  # verified bytes kept
+    discarded: int  # bytes on disk that were cut
+    reason: str | None  # why: "corrupt-chunk" or "unrecorded-tail"
+
+
+class Ingest:
+    """The partials and the content store of one root."""
+
+    def __init__(self, root: Path, store: Store, config: Config, clock: Clock) -> None:
+        self.root = root
+        self.dir = root / "ingest"
+        self.blobs = root / "blobs" / "sha256"
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / Digest.parse(digest).hex
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def partial_path(self, key: str) -> Path:
+        return self.dir / key_filename(key)
+
+    async def open(
+        self,
+        key: str,
+        *,
+        digest: str | None,
+        size: int | None,
+        media_type: str | None = None,
+        source: str | None = None,
+        validator: str | None = None,
+    ) -> tuple[Partial, Reopened]:
+        """Start or resume the partial for ``key``, verifying what is already on disk."""
+        row = await self.store.transfer(key)
+        path = self.partial_path(key)
+        if row is None or row.state is TransferState.COMMITTED or not path.exists():
+            row = await self.store.create_transfer(
+                key, digest=digest, size=size, media_type=media_type, source=source,
+                validator=validator, chunk_size=self.config.chunk_size,
+            )
+            hashes: list[int] = []
+        else:
+            hashes = await self.store.chunk_hashes(key)
+            if size is None:
+                size = row.size
+        partial = Partial(self, key, path, digest=digest, size=size,
+                          chunk_size=row.chunk_size, validator=row.validator)
+        reopened = await partial._reopen(hashes)
+        if reopened.discarded:
+            log.info("%s: cut partial at %d, discarded %d bytes (%s)", key, reopened.offset,
+                     reopened.discarded, reopened.reason)
+        return partial, reopened
+
+
+class Partial:
+    """An open partial blob. Writes are batched and handed to one worker thread."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        key: str,
+        path: Path,
+        *,
+        digest: str | None,
+        size: int | None,
+        chunk_size: int,
+        validator: str | None,
+    ) -> None:
+        self.ingest = ingest
+        self.key = key
+        self.path = path
+        self.digest = digest
+        self.size = size
+        self.chunk_size = chunk_size
+        self.validator = validator
+        self.offset = 0  # bytes accepted (written or queued to be written)
+        self.durable = 0  # bytes known to be fdatasync'd
+        self.resumed_from = 0  # offset found valid on open
+        self._cfg = ingest.config
+        self._store = ingest.store
+        self._clock = ingest.clock
+        self._fd = -1
+        self._sha: Any = hashlib.sha256()
+        self._xxh = xxhash.xxh3_64()
+        self._chunk_fill = 0
+        self._next_chunk = 0
+        self._written = 0  # bytes the worker thread has written
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self._batch = max(chunk_size, 256 * 1024)
+        self._last_flush = 0.0
+        self._inflight: asyncio.Future[list[tuple[int, int]]] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._synced_request = 0
+        self._last_sync = 0.0
+        self._records: asyncio.Queue[tuple[list[tuple[int, int]], int | None] | None] = (
+            asyncio.Queue()
+        )
+        self._recorder: asyncio.Task[None] | None = None
+        self._record_error: BaseException | None = None
+        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-write")
+        self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-sync")
+
+    # --- opening ---------------------------------------------------------------------
+
+    async def _reopen(self, hashes: list[int]) -> Reopened:
+        loop = asyncio.get_running_loop()
+        try:
+            offset, discarded, reason, sha = await loop.run_in_executor(
+                self._writer_pool, _verify_prefix, self.path, hashes, self.chunk_size, self.size
+            )
+        except OSError as exc:
+            raise StoreError(f"partial {self.path}: cannot verify: {exc}") from exc
+        keep = -(-offset // self.chunk_size) if offset else 0
+        if len(hashes) != keep or discarded:
+            await self._store.cut(self.key, keep, offset, self.validator if offset else None)
+        else:
+            await self._store.checkpoint(self.key, [], offset)
+        if offset == 0:
+            self.validator = None
+        self._sha = sha
+        self.offset = self._written = self.durable = self.resumed_from = offset
+        self._synced_request = offset
+        self._next_chunk = keep
+        self._chunk_fill = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._last_flush = self._last_sync = self._clock.monotonic()
+        self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
+        return Reopened(offset, discarded, reason)
+
+    # --- writing ---------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; it reaches the worker thread in batches of ≥ one chunk."""
+        self._pending.append(data)
+        self._pending_len += len(data)
+        self.offset += len(data)
+        if self._pending_len >= self._batch or (
+            self._clock.monotonic() - self._last_flush >= self._cfg.checkpoint_seconds / 2
+        ):
+            await self._hand_off()
+
+    async def _hand_off(self) -> None:
+        if self._inflight is not None:
+            await self._settle()
+        if not self._pending:
+            return
+        batch, self._pending, self._pending_len = self._pending, [], 0
+        self._last_flush = self._clock.monotonic()
+        self._inflight = asyncio.get_running_loop().run_in_executor(
+            self._writer_pool, self._write_batch, batch
+        )
+
+    async def _settle(self) -> None:
+        """Wait for the batch in the worker, record its chunks, maybe start a sync."""
+        fut = self._inflight
+        if fut is None:
+            return
+        try:
+            # Shielded: a cancelled attempt must not lose track of a batch being written.
+            done = await asyncio.shield(fut)
+            self._inflight = None
+        except OSError as exc:
+            self._inflight = None
+            raise StoreError(f"partial {self.path}: write failed: {exc}") from exc
+        if self._record_error is not None:
+            raise self._record_error
+        if not self._cfg.checkpoints:
+            return
+        if done:
+            self._records.put_nowait((done, None))
+        now = self._clock.monotonic()
+        due = (self._written - self._synced_request >= self._cfg.checkpoint_bytes
+               or now - self._last_sync >= self._cfg.checkpoint_seconds)
+        if due and self._written > self._synced_request:
+            if self._sync_task is not None and not self._sync_task.done():
+                # Bound what a power cut can cost: never run more than two intervals
+                # ahead of the disk.
+                if self._written - self.durable < 2 * self._cfg.checkpoint_bytes:
+                    return
+                await asyncio.shield(self._sync_task)
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        upto = self._written
+        self._synced_request = upto
+        self._last_sync = self._clock.monotonic()
+        self._sync_task = asyncio.create_task(self._sync(upto))
+
+    async def _sync(self, upto: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._sync_pool, os.fdatasync, self._fd)
+        except OSError as exc:
+            self._record_error = StoreError(f"partial {self.path}: fdatasync failed: {exc}")
+            return
+        # Synced before counted as durable.
+        self.durable = max(self.durable, upto)
+        self._records.put_nowait(([], upto))
+
+    async def _record_loop(self) -> None:
+        while True:
+            item = await self._records.get()
+            if item is None:
+                return
+            chunks, durable = item
+            # Coalesce whatever queued up meanwhile into one transaction.
+            while not self._records.empty():
+                nxt = self._records.get_nowait()
+                if nxt is None:
+                    self._records.put_nowait(None)
+                    break
+                chunks = chunks + nxt[0]
+                durable = nxt[1] if nxt[1] is not None else durable
+            try:
+                await self._store.checkpoint(self.key, chunks, durable)
+            except StoreError as exc:
+                self._record_error = exc
+                return
+
+    def _write_batch(self, batch: list[bytes]) -> list[tuple[int, int]]:
+        """Worker thread: write, hash (sha256 and per-chunk xxh3), report finished chunks."""
+        fd = self._fd
+        total = sum(len(b) for b in batch)
+        views = batch
+        while views:
+            n = os.writev(fd, views)
+            if n == sum(len(v) for v in views):
+                break
+            views = _advance(views, n)
+        sha, xxh, cs = self._sha, self._xxh, self.chunk_size
+        done: list[tuple[int, int]] = []
+        checkpoints = self._cfg.checkpoints
+        for piece in batch:
+            sha.update(piece)
+            if not checkpoints:
+                continue
+            mv = memoryview(piece)
+            while mv:
+                take = min(len(mv), cs - self._chunk_fill)
+                xxh.update(mv[:take])
+                self._chunk_fill += take
+                mv = mv[take:]
+                if self._chunk_fill == cs:
+                    done.append((self._next_chunk, to_signed(xxh.intdigest())))
+                    xxh.reset()
+                    self._next_chunk += 1
+                    self._chunk_fill = 0
+        self._written += total
+        if checkpoints and self.size is not None and self._written == self.size and self._chunk_fill:
+            # The blob's last, short chunk: record it so a crash before commit keeps it.
+            done.append((self._next_chunk, to_signed(xxh.intdigest())))
+            xxh.reset()
+            self._next_chunk += 1
+            self._chunk_fill = 0
+        return done
+
+    async def flush(self, *, sync: bool = False) -> None:
+        """Write out everything accepted; with ``sync``, checkpoint it durably too."""
+        await self._hand_off()
+        await self._settle()
+        if self._sync_task is not None:
+            await asyncio.shield(self._sync_task)
+        if sync and self._cfg.checkpoints and self._written > self.durable:
+            self._start_sync()
+            assert self._sync_task is not None
+            await asyncio.shield(self._sync_task)
+        if self._record_error is not None:
+            raise self._record_error
+
+    async def reset(self, validator: str | None = None) -> None:
+        """Throw the partial away and start again from byte zero."""
+        await self.flush()
+        await self._drain_records()
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer_pool, os.ftruncate, self._fd, 0
+        )
+        self._sha = hashlib.sha256()
+        self._xxh.reset()
+        self.offset = self._written = self.durable = self._synced_request = 0
+        self._next_chunk = self._chunk_fill = 0
+        self.validator = validator
+        await self._store.cut(self.key, 0, 0, validator)
+        self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
+
+    async def set_validator(self, validator: str | None, size: int | None) -> None:
+        self.validator = validator
+        if size is not None:
+            self.size = size
+        await self._store.set_size(self.key, self.size, validator)
+
+    async def _drain_records(self) -> None:
+        if self._recorder is not None and not self._recorder.done():
+            self._records.put_nowait(None)
+            await self._recorder
+        self._recorder = None
+        if self._record_error is not None:
+            raise self._record_error
+
+    async def close(self) -> None:
+        """Checkpoint what is written and release the file; the partial stays for later."""
+        try:
+            if self._fd >= 0:
+                await self.flush(sync=True)
+                await self._drain_records()
+        finally:
+            self._release()
+
+    def abandon(self) -> None:
+        """Drop everything without a checkpoint, as a killed process would."""
+        if self._recorder is not None:
+            self._recorder.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        self._writer_pool.shutdown(wait=False)
+        self._sync_pool.shutdown(wait=False)
+
+    # --- commit ----------------------------------------------------------------------
+
+    @property
+    def sha256(self) -> str:
+        return "sha256:" + self._sha.copy().hexdigest()
+
+    async def commit(self) -> Path:
+        """Verify size and digest, then make the blob visible: the only way in."""
+        await self.flush()
+        await self._drain_records()
+        digest = self.sha256
+        expected = self.digest or digest
+        if self.size is not None and self._written != self.size:
+            raise TransferError(
+                f"{self.key}: size {self._written} does not match the expected {self.size}"
+            )
+        if digest != expected:
+            resumed = self.resumed_from > 0 or self._resumed_in_run
+            raise DigestMismatchError(
+                f"{self.key}: downloaded content has digest {digest}, expected {expected}",
+                resumed=resumed,
+            )
+        dest = self.ingest.blob_path(expected)
+        loop = asyncio.get_running_loop()
+        fd, self._fd = self._fd, -1  # _commit_file closes it
+        try:
+            await loop.run_in_executor(self._writer_pool, _commit_file, fd, self.path, dest)
+        except OSError as exc:
+            raise StoreError(f"cannot commit {expected} to {dest}: {exc}") from exc
+        self._release()
+        await self._store.finish_transfer(self.key, TransferState.COMMITTED, digest=expected)
+        return dest
+
+    #: set by the transfer loop when an attempt in this run continued from an offset > 0
+    _resumed_in_run = False
+
+    def mark_resumed(self) -> None:
+        self._resumed_in_run = True
+
+
+def _advance(views: list[bytes], n: int) -> list[bytes]:
+    out: list[Any] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(memoryview(v)[n:] if n else v)
+        n = 0
+    return out
+
+
+def _verify_prefix(
+    path: Path, hashes: list[int], chunk_size: int, size: int | None
+) -> tuple[int, int, str | None, Any]:
+    """Worker thread: keep the longest prefix of whole recorded chunks whose xxh3 match."""
+    sha = hashlib.sha256()
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - closed below, after the truncate
+    except FileNotFoundError:
+        path.touch()
+        return 0, 0, None, sha
+    with f:
+        on_disk = os.fstat(f.fileno()).st_size
+        offset = 0
+        reason: str | None = None
+        for want_hash in hashes:
+            want = chunk_size if size is None else min(chunk_size, size - offset)
+            if want <= 0:
+                break
+            data = f.read(want)
+            if len(data) < want or to_signed(xxhash.xxh3_64_intdigest(data)) != want_hash:
+                reason = "corrupt-chunk"
+                break
+            sha.update(data)
+            offset += want
+        if offset < on_disk and reason is None:
+            reason = "unrecorded-tail"
+        if on_disk != offset:
+            f.truncate(offset)
+        os.fdatasync(f.fileno())
+    return offset, max(0, on_disk - offset), reason if on_disk > offset else None, sha
+
+
+def _commit_file(fd: int, src: Path, dest: Path) -> None:
+    os.fdatasync(fd)
+    os.close(fd)
+    if dest.exists():
+        # Someone committed the same content first: containerd's "already exists" is success.
+        src.unlink(missing_ok=True)
+    else:
+        os.rename(src, dest)
+    dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+

@@ -1,0 +1,389 @@
+"""The checkpoint store: one SQLite database (WAL) behind aiosqlite, with one writer.
+
+Every transaction is one function run in aiosqlite's thread under an asyncio.Lock, so a
+checkpoint costs one await and coroutines never interleave statements inside a
+transaction. Schema changes live in numbered ``migrations/NNNN_name.sql`` files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from .clock import Clock, SystemClock
+from .errors import SchemaTooNewError, StoreError
+
+T = TypeVar("T")
+
+
+class TransferState(enum.StrEnum):
+    PARTIAL = "partial"  # bytes may be on disk under ingest/; resumable
+    COMMITTED = "committed"  # verified and renamed into blobs/
+    FAILED = "failed"  # the last run gave up; the partial is kept for the next run
+
+
+@dataclass(frozen=True)
+class TransferRow:
+    key: str
+    digest: str | None
+    size: int | None
+    media_type: str | None
+    source: str | None
+    validator: str | None
+    chunk_size: int
+    offset: int
+    state: TransferState
+    last_error: str | None
+    updated: float
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    id: int
+    key: str
+    run_id: str
+    attempt_no: int
+    host: str | None
+    started: float
+    ended: float | None
+    start_offset: int
+    end_offset: int | None
+    wire_bytes: int
+    kept_bytes: int
+    discarded_bytes: int
+    discard_reason: str | None
+    http_status: int | None
+    error: str | None
+
+
+def migrations_dir() -> Path:
+    """The SQL files ship inside the package (``resumer/migrations`` → ``migrations/``)."""
+    return Path(str(resources.files("resumer") / "migrations"))
+
+
+def load_migrations(folder: Path | None = None) -> list[tuple[int, str, str]]:
+    """(version, name, sql) in order; versions must run 1, 2, 3 … without gaps."""
+    folder = folder or migrations_dir()
+    out = []
+    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        out.append((int(path.name[:4]), path.name, path.read_text()))
+    for want, (version, name, _) in enumerate(out, start=1):
+        if version != want:
+            raise StoreError(f"migration {name}: expected number {want:04d}")
+    return out
+
+
+def _migrate(conn: sqlite3.Connection, db: Path, migrations: list[tuple[int, str, str]]) -> None:
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    latest = len(migrations)
+    if current > latest:
+        raise SchemaTooNewError(
+            f"{db}: schema version {current} is newer than this resumer understands "
+            f"({latest}); upgrade resumer or use another --root"
+        )
+    for version, name, sql in migrations[current:]:
+        # The runner owns the transaction: the files hold no BEGIN/COMMIT.
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"{db}: migration {name} failed: {exc}") from exc
+        if conn.execute("PRAGMA user_version").fetchone()[0] != version:
+            raise StoreError(f"{db}: migration {name} did not advance the schema version")
+
+
+def _split_sql(sql: str) -> list[str]:
+    statements, buf = [], ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                statements.append(buf)
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
+    ):
+        raise StoreError(f"incomplete SQL statement in migration: {buf.strip()[:60]!r}")
+    return statements
+
+
+class Store:
+    """All state resumer keeps: transfers, chunk hashes, attempts, pulls and layers."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, clock: Clock) -> None:
+        self._conn = conn
+        self.path = path
+        self.clock = clock
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls, path: Path, *, clock: Clock | None = None, migrations: Path | None = None
+    ) -> Store:
+        """Open (creating and migrating as needed) the database at ``path``."""
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open state database: {exc}") from exc
+        steps = load_migrations(migrations)
+        try:
+            await conn._execute(_setup, conn._conn, path, steps)
+        except sqlite3.DatabaseError as exc:
+            await conn.close()
+            raise StoreError(f"{path}: not a usable state database: {exc}") from exc
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, path, clock or SystemClock())
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` as one write transaction in the database thread: one await."""
+        async with self._lock:
+            try:
+                return await self._conn._execute(_transaction, self._conn._conn, fn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """A read-only query outside any transaction."""
+        try:
+            return list(await self._conn.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    # --- transfers -------------------------------------------------------------------
+
+    async def transfer(self, key: str) -> TransferRow | None:
+        rows = await self.read("SELECT * FROM transfers WHERE key = ?", (key,))
+        return _transfer(rows[0]) if rows else None
+
+    async def transfers(self, states: Iterable[TransferState] | None = None) -> list[TransferRow]:
+        rows = await self.read("SELECT * FROM transfers ORDER BY updated")
+        wanted = set(states) if states is not None else None
+        return [t for t in map(_transfer, rows) if wanted is None or t.state in wanted]
+
+    async def create_transfer(
+        self,
+        key: str,
+        *,
+        digest: str | None,
+        size: int | None,
+        media_type: str | None,
+        source: str | None,
+        validator: str | None,
+        chunk_size: int,
+    ) -> TransferRow:
+        now = self.clock.time()
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM chunks WHERE key = ?", (key,))
+            c.execute(
+                "INSERT OR REPLACE INTO transfers (key, digest, size, media_type, source,"
+                " validator, chunk_size, offset, state, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                (key, digest, size, media_type, source, validator, chunk_size,
+                 TransferState.PARTIAL, now, now),
+            )
+
+        await self.run(tx)
+        row = await self.transfer(key)
+        assert row is not None
+        return row
+
+    async def chunk_hashes(self, key: str) -> list[int]:
+        """Recorded xxh3 of chunks 0, 1, 2 … (stops at the first gap)."""
+        rows = await self.read("SELECT idx, xxh3 FROM chunks WHERE key = ? ORDER BY idx", (key,))
+        out: list[int] = []
+        for row in rows:
+            if row[0] != len(out):
+                break
+            out.append(row[1])
+        return out
+
+    async def checkpoint(
+        self, key: str, chunks: Sequence[tuple[int, int]], durable: int | None
+    ) -> None:
+        """Record chunk hashes, and advance the durable offset once the data is synced."""
+        now = self.clock.time()
+
+        def tx(c: sqlite3.Connection) -> None:
+            if chunks:
+                c.executemany(
+                    "INSERT OR REPLACE INTO chunks (key, idx, xxh3) VALUES (?, ?, ?)",
+                    [(key, i, h) for i, h in chunks],
+                )
+            if durable is not None:
+                c.execute(
+                    "UPDATE transfers SET offset = ?, updated = ? WHERE key = ?",
+                    (durable, now, key),
+                )
+
+        await self.run(tx)
+
+    async def cut(self, key: str, keep_chunks: int, offset: int, validator: str | None) -> None:
+        """Forget chunks from ``keep_chunks`` on: the partial was cut to ``offset``."""
+        now = self.clock.time()
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM chunks WHERE key = ? AND idx >= ?", (key, keep_chunks))
+            c.execute(
+                "UPDATE transfers SET offset = ?, validator = ?, state = ?, updated = ?"
+                " WHERE key = ?",
+                (offset, validator, TransferState.PARTIAL, now, key),
+            )
+
+        await self.run(tx)
+
+    async def set_size(self, key: str, size: int | None, validator: str | None) -> None:
+        await self.run(
+            lambda c: c.execute(
+                "UPDATE transfers SET size = ?, validator = ? WHERE key = ?",
+                (size, validator, key),
+            )
+        )
+
+    async def finish_transfer(
+        self, key: str, state: TransferState, *, digest: str | None = None, error: str | None = None
+    ) -> None:
+        now = self.clock.time()
+
+        def tx(c: sqlite3.Connection) -> None:
+            if state is TransferState.COMMITTED:
+                c.execute("DELETE FROM chunks WHERE key = ?", (key,))
+            c.execute(
+                "UPDATE transfers SET state = ?, last_error = ?, updated = ?,"
+                " digest = COALESCE(?, digest) WHERE key = ?",
+                (state, error, now, digest, key),
+            )
+
+        await self.run(tx)
+
+    async def forget_transfer(self, key: str) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM chunks WHERE key = ?", (key,))
+            c.execute("DELETE FROM transfers WHERE key = ?", (key,))
+
+        await self.run(tx)
+
+    # --- attempts --------------------------------------------------------------------
+
+    async def start_attempt(
+        self,
+        key: str,
+        *,
+        run_id: str,
+        attempt_no: int,
+        host: str | None,
+        start_offset: int,
+        pull_id: int | None = None,
+    ) -> int:
+        now = self.clock.time()
+
+        def tx(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "INSERT INTO attempts (key, run_id, pull_id, attempt_no, host, started,"
+                " start_offset) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, run_id, pull_id, attempt_no, host, now, start_offset),
+            )
+            return int(cur.lastrowid or 0)
+
+        return await self.run(tx)
+
+    async def end_attempt(
+        self,
+        attempt_id: int,
+        *,
+        end_offset: int,
+        wire_bytes: int,
+        kept_bytes: int,
+        discarded_bytes: int,
+        discard_reason: str | None,
+        http_status: int | None,
+        error: str | None,
+    ) -> None:
+        now = self.clock.time()
+        await self.run(
+            lambda c: c.execute(
+                "UPDATE attempts SET ended = ?, end_offset = ?, wire_bytes = ?, kept_bytes = ?,"
+                " discarded_bytes = ?, discard_reason = ?, http_status = ?, error = ?"
+                " WHERE id = ?",
+                (now, end_offset, wire_bytes, kept_bytes, discarded_bytes, discard_reason,
+                 http_status, error, attempt_id),
+            )
+        )
+
+    async def record_discard(self, key: str, run_id: str, nbytes: int, reason: str) -> None:
+        """An accounting row for bytes found bad on reopen (no request was made)."""
+        now = self.clock.time()
+        await self.run(
+            lambda c: c.execute(
+                "INSERT INTO attempts (key, run_id, attempt_no, started, ended, start_offset,"
+                " end_offset, discarded_bytes, discard_reason) VALUES (?, ?, 0, ?, ?, 0, 0, ?, ?)",
+                (key, run_id, now, now, nbytes, reason),
+            )
+        )
+
+    async def attempts(self, key: str | None = None) -> list[AttemptRow]:
+        if key is None:
+            rows = await self.read("SELECT * FROM attempts ORDER BY id")
+        else:
+            rows = await self.read("SELECT * FROM attempts WHERE key = ? ORDER BY id", (key,))
+        return [_attempt(r) for r in rows]
+
+
+def _setup(conn: sqlite3.Connection, path: Path, steps: list[tuple[int, str, str]]) -> None:
+    conn.row_factory = sqlite3.Row
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(f"{path}: cannot switch the state database to WAL mode (got {mode})")
+    # NORMAL in WAL mode: a power cut may lose the last transactions but never corrupts;
+    # losing a chunk record only makes reopen cut earlier (recorded before trusted).
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    _migrate(conn, path, steps)
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _transfer(r: sqlite3.Row) -> TransferRow:
+    return TransferRow(
+        key=r["key"], digest=r["digest"], size=r["size"], media_type=r["media_type"],
+        source=r["source"], validator=r["validator"], chunk_size=r["chunk_size"],
+        offset=r["offset"], state=TransferState(r["state"]), last_error=r["last_error"],
+        updated=r["updated"],
+    )
+
+
+def _attempt(r: sqlite3.Row) -> AttemptRow:
+    return AttemptRow(
+        id=r["id"], key=r["key"], run_id=r["run_id"], attempt_no=r["attempt_no"], host=r["host"],
+        started=r["started"], ended=r["ended"], start_offset=r["start_offset"],
+        end_offset=r["end_offset"], wire_bytes=r["wire_bytes"], kept_bytes=r["kept_bytes"],
+        discarded_bytes=r["discarded_bytes"], discard_reason=r["discard_reason"],
+        http_status=r["http_status"], error=r["error"],
+    )
