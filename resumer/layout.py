@@ -77,6 +77,11 @@ def _write_atomic(dest: Path, data: bytes) -> None:
     _fsync_dir(dest.parent)
 
 
+def _write_blob(dest: Path, data: bytes) -> None:
+    if not dest.exists():  # content-addressed: an existing blob is this very content
+        _write_atomic(dest, data)
+
+
 @dataclass(frozen=True)
 class ImageEntry:
     """One image recorded in index.json."""
@@ -152,10 +157,8 @@ class Layout:
                 resumed=False,
             )
         dest = self.blob_path(str(actual))
-        if dest.exists():  # content-addressed: an existing blob is this very content
-            return str(actual)
         try:
-            await asyncio.to_thread(_write_atomic, dest, data)
+            await asyncio.to_thread(_write_blob, dest, data)
         except OSError as exc:
             raise StoreError(f"cannot write blob {actual} to {self.blobs_dir}: {exc}") from exc
         return str(actual)

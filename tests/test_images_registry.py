@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -49,9 +50,9 @@ async def get_blob(session: aiohttp.ClientSession, reg: Registry, repo: str, dig
 
 
 @pytest.fixture
-async def session() -> aiohttp.ClientSession:
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s  # type: ignore[misc]
+        yield s
 
 
 def test_same_seed_builds_the_same_image(tmp_path: Path) -> None:
