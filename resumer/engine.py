@@ -80,6 +80,7 @@ class Engine:
         self.ingest = Ingest(root, store, config, clock)
         self.ctx = TransferContext(session, store, self.ingest, config, clock, self.run_id)
         self.transfers = TransferManager(self.ctx)
+        self.lock: RootLock | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -104,7 +105,9 @@ class Engine:
             store = await Store.open(root / "state.db", clock=clock)
             try:
                 async with make_session(config) as session:
-                    yield cls(root, config, store, session, clock or SystemClock())
+                    engine = cls(root, config, store, session, clock or SystemClock())
+                    engine.lock = lock
+                    yield engine
             finally:
                 await store.close()
         finally:

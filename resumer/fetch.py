@@ -264,15 +264,9 @@ async def _handle(
     limit = size  # stop at the expected size
     content = resp.content
     wrote = sink.offset
-    while True:
-        try:
-            data = await content.readany()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            if watchdog.stalled:
-                raise StallError(f"{where}: {watchdog.stalled}") from exc
-            raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {wrote}") from exc
-        if not data:
-            break
+
+    async def consume(data: bytes) -> None:
+        nonlocal skip, wrote
         n = len(data)
         out.wire_bytes += n
         watchdog.progress(n)
@@ -280,7 +274,7 @@ async def _handle(
             if n <= skip:
                 skip -= n
                 out.discard(n, "range-ignored")
-                continue
+                return
             out.discard(skip, "range-ignored")
             data = data[skip:]
             skip = 0
@@ -298,11 +292,36 @@ async def _handle(
         wrote += n
         if on_bytes is not None:
             on_bytes(wrote)
+
+    while True:
+        try:
+            # readchunk hands over one received buffer as is; readany would join them all.
+            data, _ = await content.readchunk()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # aiohttp raises before handing over what arrived ahead of the cut: keep it.
+            for piece in _salvage(content):
+                await consume(piece)
+            if watchdog.stalled:
+                raise StallError(f"{where}: {watchdog.stalled}") from exc
+            raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {wrote}") from exc
+        if not data:
+            break
+        await consume(data)
     if watchdog.stalled:
         raise StallError(f"{where}: {watchdog.stalled}")
     if limit is not None and wrote < limit:
         raise ConnectionCutError(f"{where}: connection closed at byte {wrote} of {limit}")
     out.complete = True
+
+
+def _salvage(content: aiohttp.StreamReader) -> list[bytes]:
+    """Bytes aiohttp buffered before the connection broke (it raises before returning them)."""
+    pieces: list[bytes] = []
+    buffer = getattr(content, "_buffer", None)
+    take = getattr(content, "_read_nowait_chunk", None)
+    while buffer and take is not None:
+        pieces.append(take(-1))
+    return pieces
 
 
 def _describe(exc: BaseException) -> str:

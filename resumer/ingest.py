@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ class Ingest:
         self.clock = clock
         self.dir.mkdir(parents=True, exist_ok=True)
         self.blobs.mkdir(parents=True, exist_ok=True)
+        #: partials open in this process (a simulated crash closes their files)
+        self.open_partials: set[Partial] = set()
+        #: called with (key, offset) after each accepted write; None on the hot path
+        self.observer: Callable[[str, int], None] | None = None
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / Digest.parse(digest).hex
@@ -143,13 +148,13 @@ class Partial:
         self._written = 0  # bytes the worker thread has written
         self._pending: list[bytes] = []
         self._pending_len = 0
-        self._batch = max(chunk_size, 256 * 1024)
+        self._batch = chunk_size  # one hand-off per chunk: a crash costs at most a few
         self._last_flush = 0.0
-        self._inflight: asyncio.Future[list[tuple[int, int]]] | None = None
+        self._inflight: asyncio.Future[list[tuple[int, int, int | None]]] | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._synced_request = 0
         self._last_sync = 0.0
-        self._records: asyncio.Queue[tuple[list[tuple[int, int]], int | None] | None] = (
+        self._records: asyncio.Queue[tuple[list[tuple[int, int, int | None]], int | None] | None] = (
             asyncio.Queue()
         )
         self._recorder: asyncio.Task[None] | None = None
@@ -159,10 +164,10 @@ class Partial:
 
     # --- opening ---------------------------------------------------------------------
 
-    async def _reopen(self, hashes: list[int]) -> Reopened:
+    async def _reopen(self, hashes: list[tuple[int, int | None]]) -> Reopened:
         loop = asyncio.get_running_loop()
         try:
-            offset, discarded, reason, sha = await loop.run_in_executor(
+            offset, discarded, reason, sha, tail = await loop.run_in_executor(
                 self._writer_pool, _verify_prefix, self.path, hashes, self.chunk_size, self.size
             )
         except OSError as exc:
@@ -177,9 +182,12 @@ class Partial:
         self._sha = sha
         self.offset = self._written = self.durable = self.resumed_from = offset
         self._synced_request = offset
-        self._next_chunk = keep
-        self._chunk_fill = 0
+        self._next_chunk = offset // self.chunk_size
+        self._chunk_fill = len(tail)
+        if tail:
+            self._xxh.update(tail)  # carry on hashing the chunk the tail record began
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.ingest.open_partials.add(self)
         self._last_flush = self._last_sync = self._clock.monotonic()
         self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
         return Reopened(offset, discarded, reason)
@@ -191,6 +199,8 @@ class Partial:
         self._pending.append(data)
         self._pending_len += len(data)
         self.offset += len(data)
+        if self.ingest.observer is not None:
+            self.ingest.observer(self.key, self.offset)
         if self._pending_len >= self._batch or (
             self._clock.monotonic() - self._last_flush >= self._cfg.checkpoint_seconds / 2
         ):
@@ -203,18 +213,29 @@ class Partial:
             return
         batch, self._pending, self._pending_len = self._pending, [], 0
         self._last_flush = self._clock.monotonic()
-        self._inflight = asyncio.get_running_loop().run_in_executor(
+        fut = asyncio.get_running_loop().run_in_executor(
             self._writer_pool, self._write_batch, batch
         )
+        # Record the batch's chunks the moment it is written, not at the next hand-off:
+        # what a crash costs is what is not yet recorded.
+        fut.add_done_callback(self._on_written)
+        self._inflight = fut
+
+    def _on_written(self, fut: asyncio.Future[list[tuple[int, int, int | None]]]) -> None:
+        if fut.cancelled() or fut.exception() is not None or not self._cfg.checkpoints:
+            return
+        done = fut.result()
+        if done:
+            self._records.put_nowait((done, None))
 
     async def _settle(self) -> None:
-        """Wait for the batch in the worker, record its chunks, maybe start a sync."""
+        """Wait for the batch in the worker thread, then maybe start a sync."""
         fut = self._inflight
         if fut is None:
             return
         try:
             # Shielded: a cancelled attempt must not lose track of a batch being written.
-            done = await asyncio.shield(fut)
+            await asyncio.shield(fut)
             self._inflight = None
         except OSError as exc:
             self._inflight = None
@@ -223,8 +244,6 @@ class Partial:
             raise self._record_error
         if not self._cfg.checkpoints:
             return
-        if done:
-            self._records.put_nowait((done, None))
         now = self._clock.monotonic()
         due = (self._written - self._synced_request >= self._cfg.checkpoint_bytes
                or now - self._last_sync >= self._cfg.checkpoint_seconds)
@@ -274,7 +293,7 @@ class Partial:
                 self._record_error = exc
                 return
 
-    def _write_batch(self, batch: list[bytes]) -> list[tuple[int, int]]:
+    def _write_batch(self, batch: list[bytes]) -> list[tuple[int, int, int | None]]:
         """Worker thread: write, hash (sha256 and per-chunk xxh3), report finished chunks."""
         fd = self._fd
         total = sum(len(b) for b in batch)
@@ -285,7 +304,7 @@ class Partial:
                 break
             views = _advance(views, n)
         sha, xxh, cs = self._sha, self._xxh, self.chunk_size
-        done: list[tuple[int, int]] = []
+        done: list[tuple[int, int, int | None]] = []
         checkpoints = self._cfg.checkpoints
         for piece in batch:
             sha.update(piece)
@@ -298,14 +317,14 @@ class Partial:
                 self._chunk_fill += take
                 mv = mv[take:]
                 if self._chunk_fill == cs:
-                    done.append((self._next_chunk, to_signed(xxh.intdigest())))
+                    done.append((self._next_chunk, to_signed(xxh.intdigest()), None))
                     xxh.reset()
                     self._next_chunk += 1
                     self._chunk_fill = 0
         self._written += total
         if checkpoints and self.size is not None and self._written == self.size and self._chunk_fill:
             # The blob's last, short chunk: record it so a crash before commit keeps it.
-            done.append((self._next_chunk, to_signed(xxh.intdigest())))
+            done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
             xxh.reset()
             self._next_chunk += 1
             self._chunk_fill = 0
@@ -358,6 +377,10 @@ class Partial:
         try:
             if self._fd >= 0:
                 await self.flush(sync=True)
+                if self._cfg.checkpoints and self._chunk_fill and self._written != self.size:
+                    # A clean stop keeps every byte: record the unfinished chunk's prefix.
+                    tail = (self._next_chunk, to_signed(self._xxh.intdigest()), self._chunk_fill)
+                    self._records.put_nowait(([tail], None))
                 await self._drain_records()
         finally:
             self._release()
@@ -369,6 +392,7 @@ class Partial:
         self._release()
 
     def _release(self) -> None:
+        self.ingest.open_partials.discard(self)
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -428,21 +452,27 @@ def _advance(views: list[bytes], n: int) -> list[bytes]:
 
 
 def _verify_prefix(
-    path: Path, hashes: list[int], chunk_size: int, size: int | None
-) -> tuple[int, int, str | None, Any]:
-    """Worker thread: keep the longest prefix of whole recorded chunks whose xxh3 match."""
+    path: Path, hashes: list[tuple[int, int | None]], chunk_size: int, size: int | None
+) -> tuple[int, int, str | None, Any, bytes]:
+    """Worker thread: keep the longest prefix of recorded chunks whose xxh3 match.
+
+    Returns (offset, bytes cut, reason, sha256 state, bytes of an unfinished last chunk).
+    """
     sha = hashlib.sha256()
     try:
         f = open(path, "r+b")  # noqa: SIM115 - closed below, after the truncate
     except FileNotFoundError:
         path.touch()
-        return 0, 0, None, sha
+        return 0, 0, None, sha, b""
+    tail = b""
     with f:
         on_disk = os.fstat(f.fileno()).st_size
         offset = 0
         reason: str | None = None
-        for want_hash in hashes:
-            want = chunk_size if size is None else min(chunk_size, size - offset)
+        for want_hash, length in hashes:
+            want = chunk_size if length is None else length
+            if size is not None:
+                want = min(want, size - offset)
             if want <= 0:
                 break
             data = f.read(want)
@@ -451,12 +481,15 @@ def _verify_prefix(
                 break
             sha.update(data)
             offset += want
+            if want < chunk_size:
+                tail = data if size is None or offset < size else b""
+                break
         if offset < on_disk and reason is None:
             reason = "unrecorded-tail"
         if on_disk != offset:
             f.truncate(offset)
         os.fdatasync(f.fileno())
-    return offset, max(0, on_disk - offset), reason if on_disk > offset else None, sha
+    return offset, max(0, on_disk - offset), reason if on_disk > offset else None, sha, tail
 
 
 def _commit_file(fd: int, src: Path, dest: Path) -> None:

@@ -205,27 +205,37 @@ class Store:
         assert row is not None
         return row
 
-    async def chunk_hashes(self, key: str) -> list[int]:
-        """Recorded xxh3 of chunks 0, 1, 2 … (stops at the first gap)."""
-        rows = await self.read("SELECT idx, xxh3 FROM chunks WHERE key = ? ORDER BY idx", (key,))
-        out: list[int] = []
+    async def chunk_hashes(self, key: str) -> list[tuple[int, int | None]]:
+        """Recorded (xxh3, length) of chunks 0, 1, 2 … (stops at the first gap).
+
+        ``length`` is None for a whole chunk, else the byte count the hash covers.
+        """
+        rows = await self.read(
+            "SELECT idx, xxh3, length FROM chunks WHERE key = ? ORDER BY idx", (key,)
+        )
+        out: list[tuple[int, int | None]] = []
         for row in rows:
             if row[0] != len(out):
                 break
-            out.append(row[1])
+            out.append((row[1], row[2]))
+            if row[2] is not None:
+                break  # a short chunk can only be the last
         return out
 
     async def checkpoint(
-        self, key: str, chunks: Sequence[tuple[int, int]], durable: int | None
+        self,
+        key: str,
+        chunks: Sequence[tuple[int, int, int | None]],
+        durable: int | None,
     ) -> None:
-        """Record chunk hashes, and advance the durable offset once the data is synced."""
+        """Record (idx, xxh3, length) chunk hashes; advance the durable offset once synced."""
         now = self.clock.time()
 
         def tx(c: sqlite3.Connection) -> None:
             if chunks:
                 c.executemany(
-                    "INSERT OR REPLACE INTO chunks (key, idx, xxh3) VALUES (?, ?, ?)",
-                    [(key, i, h) for i, h in chunks],
+                    "INSERT OR REPLACE INTO chunks (key, idx, xxh3, length) VALUES (?, ?, ?, ?)",
+                    [(key, i, h, n) for i, h, n in chunks],
                 )
             if durable is not None:
                 c.execute(

@@ -151,7 +151,9 @@ class BlobServer:
         self.requests.append(Logged(name, headers, st, sent, b.kind))
         if b.kind == "cut" and sent < len(body):
             assert request.transport is not None
-            request.transport.abort()  # RST-like: the body ends early
+            # close() flushes what was written, then ends the connection early: the client
+            # gets exactly `after` bytes (abort() would drop buffered bytes unpredictably).
+            request.transport.close()
             return resp
         if b.kind == "stall" and sent < len(body):
             ev = asyncio.Event()

@@ -21,6 +21,7 @@ exist only inside the two namespaces it creates, which are deleted on exit, even
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import dataclasses
 import fcntl
@@ -53,6 +54,7 @@ __all__ = [
     "LinkProfile",
     "Shaper",
     "check_environment",
+    "remove_stale_namespaces",
 ]
 
 TUN_PATH = "/dev/net/tun"
@@ -325,11 +327,29 @@ def check_environment(
 _counter = itertools.count()
 
 
-class LinkEmulator:
-    """Two namespaces joined by an emulated link; a synchronous context manager.
+def remove_stale_namespaces() -> list[str]:
+    """Delete namespaces left by emulators whose process died (SIGKILL skips teardown)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    removed = []
+    for line in listing.stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        parts = name.split("-")
+        if len(parts) != 4 or parts[0] != "rsm" or not parts[1].isdigit():
+            continue
+        if os.path.exists(f"/proc/{parts[1]}"):
+            continue  # its owner is alive (or the pid was reused: leave it alone)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        removed.append(name)
+    return removed
 
-    ``start()``/``close()`` do the same as entering and leaving. After `close`, `stats`
-    holds the relay's per-direction counts ("up" is a→b, "down" is b→a).
+
+class LinkEmulator:
+    """Two namespaces joined by an emulated link.
+
+    A synchronous context manager (``with``); ``async with`` also works and runs the
+    setup and teardown (a few ``ip`` commands, ~0.1 s) in a thread. ``start()`` and
+    ``close()`` do the same as entering and leaving. After `close`, `stats` holds the
+    relay's per-direction counts ("up" is a→b, "down" is b→a).
     """
 
     addr_a = "10.213.0.1"
@@ -368,7 +388,20 @@ class LinkEmulator:
     ) -> None:
         self.close()
 
+    async def __aenter__(self) -> LinkEmulator:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
     def start(self) -> None:
+        """Check the environment, build the namespaces and start the relay."""
         self._check()
         try:
             self._setup()

@@ -544,8 +544,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--listen-port", type=int, default=0, help="port to listen on (0: free)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cut-after", type=_span, metavar="MIN:MAX", help="RST after N bytes")
-    ap.add_argument("--cut-at", type=int, nargs="+", default=[], metavar="N")
-    ap.add_argument("--stall-after", type=_span, metavar="MIN:MAX")
+    ap.add_argument(
+        "--cut-at", type=int, nargs="+", default=[], metavar="N", help="one cut per connection"
+    )
+    ap.add_argument("--stall-after", type=_span, metavar="MIN:MAX", help="stall after N bytes")
+    ap.add_argument(
+        "--stall-at", type=int, nargs="+", default=[], metavar="N", help="one stall per connection"
+    )
     ap.add_argument("--stall-for", type=float, metavar="S", help="default: forever")
     ap.add_argument("--rate", type=float, metavar="BPS", help="server→client bytes/s")
     ap.add_argument("--latency", type=float, default=0.0, metavar="MS", help="one-way delay")
@@ -577,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults = Faults(
             cut_at=tuple(args.cut_at),
             cut_after=args.cut_after,
+            stall_at=tuple(args.stall_at),
             stall_after=args.stall_after,
             stall_for=args.stall_for,
             rate=args.rate,
