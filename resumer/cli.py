@@ -36,8 +36,12 @@ def _usage_exit(message: str) -> Any:
 
 
 def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
-    p.add_argument("--root", type=Path, help="state directory (default: $RESUMER_ROOT, "
-                   "else $XDG_DATA_HOME/resumer, else ~/.local/share/resumer)")
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="state directory (default: $RESUMER_ROOT, "
+        "else $XDG_DATA_HOME/resumer, else ~/.local/share/resumer)",
+    )
     p.add_argument("--config", type=Path, help="JSON config file with dockerd's key names")
     p.add_argument("--progress", choices=["auto", "tty", "plain", "json", "none"])
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _common(s, transfer=False)
 
-    for name, register in _EXTRA_COMMANDS.items():
+    for register in _EXTRA_COMMANDS.values():
         register(sub)
     return parser
 
@@ -79,9 +83,17 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {
         k: getattr(args, k, None)
-        for k in ("max_download_attempts", "max_concurrent_downloads", "retry_delay",
-                  "stall_timeout", "low_speed_limit", "low_speed_time", "chunk_size",
-                  "progress", "platform")
+        for k in (
+            "max_download_attempts",
+            "max_concurrent_downloads",
+            "retry_delay",
+            "stall_timeout",
+            "low_speed_limit",
+            "low_speed_time",
+            "chunk_size",
+            "progress",
+            "platform",
+        )
     }
     if getattr(args, "no_checkpoints", False):
         flags["checkpoints"] = False
@@ -109,8 +121,9 @@ async def _fetch(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"output {out}: directory {out.absolute().parent} does not exist")
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
         try:
-            result = await engine.fetch(args.url, digest=args.digest, dest=out,
-                                        on_progress=render or P.ignore)
+            result = await engine.fetch(
+                args.url, digest=args.digest, dest=out, on_progress=render or P.ignore
+            )
         finally:
             pass
     if render is not None:
@@ -176,8 +189,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 def _emit_error(config: Config, message: str) -> None:
     if config.progress == "json":
-        sys.stdout.write(json.dumps({"error": message, "errorDetail": {"message": message}})
-                         + "\n")
+        sys.stdout.write(json.dumps({"error": message, "errorDetail": {"message": message}}) + "\n")
         sys.stdout.flush()
     _say(message)
 

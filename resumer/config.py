@@ -111,7 +111,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ValueError
         return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: invalid value {value!r} for {name.replace('_', '-')}") from exc
+        flag = name.replace("_", "-")
+        raise ConfigError(f"{source}: invalid value {value!r} for {flag}") from exc
 
 
 def load_file(path: Path) -> dict[str, Any]:

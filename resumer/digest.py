@@ -49,7 +49,8 @@ def to_signed(value: int) -> int:
 
 
 def chain_id(parent: str | None, diff_id: str) -> str:
-    """OCI ChainID: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    """OCI ChainID: ChainID(L0) = DiffID(L0);
+    ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
     if parent is None:
         return diff_id
     return "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()

@@ -1,7 +1,7 @@
 """The Engine: one root, one state database, one HTTP session, one transfer manager.
 
-    async with Engine.open(root, Config()) as engine:
-        result = await engine.fetch(url, digest="sha256:…", dest=path)
+async with Engine.open(root, Config()) as engine:
+    result = await engine.fetch(url, digest="sha256:…", dest=path)
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ def url_key(url: str) -> str:
 def make_session(config: Config) -> aiohttp.ClientSession:
     # total=None: a layer may take hours on a satellite link; stalls are our watchdog's job.
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.connect_timeout or None,
+        total=None,
+        sock_connect=config.connect_timeout or None,
         sock_read=None,
     )
     return aiohttp.ClientSession(
-        timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
+        timeout=timeout,
+        auto_decompress=False,
+        read_bufsize=1 << 20,
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
     )
 
@@ -134,8 +137,9 @@ class Engine:
             # A blob that was already in the store may be shared by images: copy it.
             # One this fetch brought in is moved out, so a 1 GiB fetch costs no copy.
             await asyncio.to_thread(publish, result.path, dest, move=not result.existed)
-        return FetchResult(dest or result.path, result.digest, result.size, result.stats,
-                           result.attempts)
+        return FetchResult(
+            dest or result.path, result.digest, result.size, result.stats, result.attempts
+        )
 
 
 def publish(blob: Path, dest: Path, *, move: bool) -> None:

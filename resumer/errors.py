@@ -49,7 +49,7 @@ class ConfigError(UsageError):
     """A flag, environment variable or config-file value is invalid."""
 
 
-class ReferenceError_(UsageError):  # noqa: N801 - avoid shadowing the builtin ReferenceError
+class ReferenceError_(UsageError):
     """An image reference that does not parse."""
 
 

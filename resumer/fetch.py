@@ -180,7 +180,7 @@ async def _open(
             resp = await session.get(
                 url, headers=headers, allow_redirects=False, auto_decompress=False
             )
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionCutError(f"{redact_url(url)}: {_describe(exc)}") from exc
         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
             resp.release()
@@ -222,15 +222,19 @@ async def _handle(
             status=416,
         )
     if status == 401:
-        raise UnauthorizedError(f"{where}: 401 Unauthorized",
-                                challenge=resp.headers.get("WWW-Authenticate"))
+        raise UnauthorizedError(
+            f"{where}: 401 Unauthorized", challenge=resp.headers.get("WWW-Authenticate")
+        )
     if status == 403:
         raise AccessDeniedError(f"{where}: 403 Forbidden", status=403)
     if status == 404:
         raise NotFoundError(f"{where}: 404 Not Found", status=404)
     if status in (408, 429) or 500 <= status < 600:
-        raise ServerError(f"{where}: HTTP {status}", status=status,
-                          retry_after=retry_after(resp.headers.get("Retry-After"), clock))
+        raise ServerError(
+            f"{where}: HTTP {status}",
+            status=status,
+            retry_after=retry_after(resp.headers.get("Retry-After"), clock),
+        )
     if status not in (200, 206):
         raise PermanentError(f"{where}: unexpected HTTP {status}", status=status)
 
@@ -242,7 +246,9 @@ async def _handle(
         if m is None or int(m.group(1)) != offset or (size is not None and total != size):
             raise BrokenServerError(
                 f"{where}: asked for bytes {offset}-, got Content-Range "
-                f"{resp.headers.get('Content-Range')!r}", status=206)
+                f"{resp.headers.get('Content-Range')!r}",
+                status=206,
+            )
         if size is None and total is not None:
             await sink.set_validator(validator or new_validator, total)
             size = total
@@ -297,7 +303,7 @@ async def _handle(
         try:
             # readchunk hands over one received buffer as is; readany would join them all.
             data, _ = await content.readchunk()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # aiohttp raises before handing over what arrived ahead of the cut: keep it.
             for piece in _salvage(content):
                 await consume(piece)
@@ -357,8 +363,10 @@ class _Watchdog:
         elif p.min_rate and p.window and now - self._window_start >= p.window:
             rate = self._window_bytes / (now - self._window_start)
             if rate < p.min_rate:
-                self.stalled = (f"too slow: {rate:.0f} B/s over {p.window:g} s "
-                                f"(low-speed limit {p.min_rate} B/s)")
+                self.stalled = (
+                    f"too slow: {rate:.0f} B/s over {p.window:g} s "
+                    f"(low-speed limit {p.min_rate} B/s)"
+                )
             self._window_start, self._window_bytes = now, 0
         if self.stalled:
             self._timer = None

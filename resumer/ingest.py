@@ -36,6 +36,10 @@ from .store import Store, TransferState
 log = logging.getLogger(__name__)
 
 _READ = 1 << 20
+#: (idx, xxh3, length or None for a whole chunk)
+_Chunk = tuple[int, int, int | None]
+#: chunks to record, and a durable offset to advance to (after fdatasync)
+_Record = tuple[list[_Chunk], int | None]
 
 
 def key_filename(key: str) -> str:
@@ -96,20 +100,37 @@ class Ingest:
         path = self.partial_path(key)
         if row is None or row.state is TransferState.COMMITTED or not path.exists():
             row = await self.store.create_transfer(
-                key, digest=digest, size=size, media_type=media_type, source=source,
-                validator=validator, chunk_size=self.config.chunk_size,
+                key,
+                digest=digest,
+                size=size,
+                media_type=media_type,
+                source=source,
+                validator=validator,
+                chunk_size=self.config.chunk_size,
             )
-            hashes: list[int] = []
+            hashes: list[tuple[int, int | None]] = []
         else:
             hashes = await self.store.chunk_hashes(key)
             if size is None:
                 size = row.size
-        partial = Partial(self, key, path, digest=digest, size=size,
-                          chunk_size=row.chunk_size, validator=row.validator)
+        partial = Partial(
+            self,
+            key,
+            path,
+            digest=digest,
+            size=size,
+            chunk_size=row.chunk_size,
+            validator=row.validator,
+        )
         reopened = await partial._reopen(hashes)
         if reopened.discarded:
-            log.info("%s: cut partial at %d, discarded %d bytes (%s)", key, reopened.offset,
-                     reopened.discarded, reopened.reason)
+            log.info(
+                "%s: cut partial at %d, discarded %d bytes (%s)",
+                key,
+                reopened.offset,
+                reopened.discarded,
+                reopened.reason,
+            )
         return partial, reopened
 
 
@@ -154,9 +175,7 @@ class Partial:
         self._sync_task: asyncio.Task[None] | None = None
         self._synced_request = 0
         self._last_sync = 0.0
-        self._records: asyncio.Queue[tuple[list[tuple[int, int, int | None]], int | None] | None] = (
-            asyncio.Queue()
-        )
+        self._records: asyncio.Queue[_Record | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-write")
@@ -245,8 +264,10 @@ class Partial:
         if not self._cfg.checkpoints:
             return
         now = self._clock.monotonic()
-        due = (self._written - self._synced_request >= self._cfg.checkpoint_bytes
-               or now - self._last_sync >= self._cfg.checkpoint_seconds)
+        due = (
+            self._written - self._synced_request >= self._cfg.checkpoint_bytes
+            or now - self._last_sync >= self._cfg.checkpoint_seconds
+        )
         if due and self._written > self._synced_request:
             if self._sync_task is not None and not self._sync_task.done():
                 # Bound what a power cut can cost: never run more than two intervals
@@ -322,7 +343,8 @@ class Partial:
                     self._next_chunk += 1
                     self._chunk_fill = 0
         self._written += total
-        if checkpoints and self.size is not None and self._written == self.size and self._chunk_fill:
+        at_end = self.size is not None and self._written == self.size
+        if checkpoints and at_end and self._chunk_fill:
             # The blob's last, short chunk: record it so a crash before commit keeps it.
             done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
             xxh.reset()
@@ -404,7 +426,7 @@ class Partial:
 
     @property
     def sha256(self) -> str:
-        return "sha256:" + self._sha.copy().hexdigest()
+        return "sha256:" + str(self._sha.copy().hexdigest())
 
     async def commit(self) -> Path:
         """Verify size and digest, then make the blob visible: the only way in."""
@@ -505,4 +527,3 @@ def _commit_file(fd: int, src: Path, dest: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-

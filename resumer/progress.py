@@ -179,8 +179,10 @@ def _bar(event: Event) -> str:
     cur = event.current or 0
     filled = min(width, width * cur // event.total)
     arrow = ">" if filled < width else ""
-    return (f" [{'=' * max(0, filled - len(arrow))}{arrow}{' ' * (width - filled)}]"
-            f"  {format_bytes(cur)}/{format_bytes(event.total)}")
+    return (
+        f" [{'=' * max(0, filled - len(arrow))}{arrow}{' ' * (width - filled)}]"
+        f"  {format_bytes(cur)}/{format_bytes(event.total)}"
+    )
 
 
 def format_bytes(n: int) -> str:
@@ -210,4 +212,8 @@ def renderer(mode: str, out: Any) -> Renderer | None:
         mode = "tty" if getattr(out, "isatty", lambda: False)() else "plain"
     if mode == "none":
         return None
-    return {"json": JsonRenderer, "plain": PlainRenderer, "tty": TtyRenderer}[mode](out)
+    if mode == "json":
+        return JsonRenderer(out)
+    if mode == "plain":
+        return PlainRenderer(out)
+    return TtyRenderer(out)

@@ -23,33 +23,42 @@ async def collect(root: Path, config: Config) -> dict[str, Any]:
             attempts = await store.attempts(t.key)
             last_run = attempts[-1].run_id if attempts else None
             run = [a for a in attempts if a.run_id == last_run and a.attempt_no > 0]
-            transfers.append({
-                "key": t.key,
-                "source": t.source,
-                "offset": t.offset,
-                "size": t.size,
-                "state": str(t.state),
-                "attempts_last_run": len(run),
-                "wire_bytes": sum(a.wire_bytes for a in attempts),
-                "wasted_bytes": sum(a.discarded_bytes for a in attempts),
-                "last_error": t.last_error,
-            })
+            transfers.append(
+                {
+                    "key": t.key,
+                    "source": t.source,
+                    "offset": t.offset,
+                    "size": t.size,
+                    "state": str(t.state),
+                    "attempts_last_run": len(run),
+                    "wire_bytes": sum(a.wire_bytes for a in attempts),
+                    "wasted_bytes": sum(a.discarded_bytes for a in attempts),
+                    "last_error": t.last_error,
+                }
+            )
         pulls = []
         try:
             rows = await store.read(
                 "SELECT id, reference, state, last_error FROM pulls WHERE state != 'done'"
-                " ORDER BY id")
+                " ORDER BY id"
+            )
         except StoreError:
             rows = []
         for r in rows:
             layers = await store.read(
                 "SELECT position, digest, size, state FROM pull_layers WHERE pull_id = ?"
-                " ORDER BY position", (r["id"],))
-            pulls.append({
-                "id": r["id"], "reference": r["reference"], "state": r["state"],
-                "last_error": r["last_error"],
-                "layers": [dict(layer) for layer in layers],
-            })
+                " ORDER BY position",
+                (r["id"],),
+            )
+            pulls.append(
+                {
+                    "id": r["id"],
+                    "reference": r["reference"],
+                    "state": r["state"],
+                    "last_error": r["last_error"],
+                    "layers": [dict(layer) for layer in layers],
+                }
+            )
         return {"root": str(root), "transfers": transfers, "pulls": pulls}
     finally:
         await store.close()
@@ -60,8 +69,10 @@ def render_text(report: dict[str, Any]) -> str:
     if not report["transfers"] and not report["pulls"]:
         lines.append("nothing unfinished")
     for p in report["pulls"]:
-        lines.append(f"pull {p['id']} {p['reference']}: {p['state']}"
-                     + (f" ({p['last_error']})" if p["last_error"] else ""))
+        lines.append(
+            f"pull {p['id']} {p['reference']}: {p['state']}"
+            + (f" ({p['last_error']})" if p["last_error"] else "")
+        )
         for layer in p["layers"]:
             lines.append(f"  {layer['position']:>3} {layer['digest'][7:19]} {layer['state']}")
     for t in report["transfers"]:

@@ -139,7 +139,7 @@ class Store:
             raise StoreError(f"{path}: cannot open state database: {exc}") from exc
         steps = load_migrations(migrations)
         try:
-            await conn._execute(_setup, conn._conn, path, steps)
+            await conn._execute(_setup, conn._conn, path, steps)  # type: ignore[no-untyped-call]
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise StoreError(f"{path}: not a usable state database: {exc}") from exc
@@ -155,7 +155,11 @@ class Store:
         """Run ``fn`` as one write transaction in the database thread: one await."""
         async with self._lock:
             try:
-                return await self._conn._execute(_transaction, self._conn._conn, fn)
+                # aiosqlite's own hand-off: the whole transaction is one await.
+                result: T = await self._conn._execute(  # type: ignore[no-untyped-call]
+                    _transaction, self._conn._conn, fn
+                )
+                return result
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -196,8 +200,18 @@ class Store:
                 "INSERT OR REPLACE INTO transfers (key, digest, size, media_type, source,"
                 " validator, chunk_size, offset, state, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                (key, digest, size, media_type, source, validator, chunk_size,
-                 TransferState.PARTIAL, now, now),
+                (
+                    key,
+                    digest,
+                    size,
+                    media_type,
+                    source,
+                    validator,
+                    chunk_size,
+                    TransferState.PARTIAL,
+                    now,
+                    now,
+                ),
             )
 
         await self.run(tx)
@@ -332,8 +346,17 @@ class Store:
                 "UPDATE attempts SET ended = ?, end_offset = ?, wire_bytes = ?, kept_bytes = ?,"
                 " discarded_bytes = ?, discard_reason = ?, http_status = ?, error = ?"
                 " WHERE id = ?",
-                (now, end_offset, wire_bytes, kept_bytes, discarded_bytes, discard_reason,
-                 http_status, error, attempt_id),
+                (
+                    now,
+                    end_offset,
+                    wire_bytes,
+                    kept_bytes,
+                    discarded_bytes,
+                    discard_reason,
+                    http_status,
+                    error,
+                    attempt_id,
+                ),
             )
         )
 
@@ -382,18 +405,35 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
 
 def _transfer(r: sqlite3.Row) -> TransferRow:
     return TransferRow(
-        key=r["key"], digest=r["digest"], size=r["size"], media_type=r["media_type"],
-        source=r["source"], validator=r["validator"], chunk_size=r["chunk_size"],
-        offset=r["offset"], state=TransferState(r["state"]), last_error=r["last_error"],
+        key=r["key"],
+        digest=r["digest"],
+        size=r["size"],
+        media_type=r["media_type"],
+        source=r["source"],
+        validator=r["validator"],
+        chunk_size=r["chunk_size"],
+        offset=r["offset"],
+        state=TransferState(r["state"]),
+        last_error=r["last_error"],
         updated=r["updated"],
     )
 
 
 def _attempt(r: sqlite3.Row) -> AttemptRow:
     return AttemptRow(
-        id=r["id"], key=r["key"], run_id=r["run_id"], attempt_no=r["attempt_no"], host=r["host"],
-        started=r["started"], ended=r["ended"], start_offset=r["start_offset"],
-        end_offset=r["end_offset"], wire_bytes=r["wire_bytes"], kept_bytes=r["kept_bytes"],
-        discarded_bytes=r["discarded_bytes"], discard_reason=r["discard_reason"],
-        http_status=r["http_status"], error=r["error"],
+        id=r["id"],
+        key=r["key"],
+        run_id=r["run_id"],
+        attempt_no=r["attempt_no"],
+        host=r["host"],
+        started=r["started"],
+        ended=r["ended"],
+        start_offset=r["start_offset"],
+        end_offset=r["end_offset"],
+        wire_bytes=r["wire_bytes"],
+        kept_bytes=r["kept_bytes"],
+        discarded_bytes=r["discarded_bytes"],
+        discard_reason=r["discard_reason"],
+        http_status=r["http_status"],
+        error=r["error"],
     )

@@ -94,7 +94,10 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
         return BlobResult(path, req.digest, path.stat().st_size, existed=True)
     stats = Stats()
     partial, reopened = await ctx.ingest.open(
-        req.key, digest=req.digest, size=req.size, media_type=req.media_type,
+        req.key,
+        digest=req.digest,
+        size=req.size,
+        media_type=req.media_type,
         source=req.source.display,
     )
     if reopened.discarded and reopened.reason:
@@ -127,12 +130,22 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             attempts += 1
             stats.attempts += 1
             attempt_id = await store.start_attempt(
-                req.key, run_id=ctx.run_id, attempt_no=attempts, host=endpoint.host,
-                start_offset=start, pull_id=ctx.pull_id,
+                req.key,
+                run_id=ctx.run_id,
+                attempt_no=attempts,
+                host=endpoint.host,
+                start_offset=start,
+                pull_id=ctx.pull_id,
             )
             out = await attempt(
-                ctx.session, endpoint, partial, size=partial.size, validator=partial.validator,
-                stall=stall, clock=clock, on_bytes=on_bytes,
+                ctx.session,
+                endpoint,
+                partial,
+                size=partial.size,
+                validator=partial.validator,
+                stall=stall,
+                clock=clock,
+                on_bytes=on_bytes,
             )
             await partial.flush()
             err: TransferError | None = out.error
@@ -158,9 +171,13 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 else:
                     committed = True
             await store.end_attempt(
-                attempt_id, end_offset=partial.offset, wire_bytes=out.wire_bytes,
-                kept_bytes=out.kept_bytes, discarded_bytes=out.discarded_bytes,
-                discard_reason=out.discard_reason, http_status=out.status,
+                attempt_id,
+                end_offset=partial.offset,
+                wire_bytes=out.wire_bytes,
+                kept_bytes=out.kept_bytes,
+                discarded_bytes=out.discarded_bytes,
+                discard_reason=out.discard_reason,
+                http_status=out.status,
                 error=str(err) if err else None,
             )
             if committed:
@@ -280,8 +297,12 @@ class TransferManager:
         finally:
             if emit in shared.watchers:
                 shared.watchers.remove(emit)
-            if self._active.get(req.key) is shared and shared.task is not None \
-                    and shared.task.done() and not shared.watchers:
+            if (
+                self._active.get(req.key) is shared
+                and shared.task is not None
+                and shared.task.done()
+                and not shared.watchers
+            ):
                 del self._active[req.key]
 
     async def _run(self, shared: _Shared) -> BlobResult:

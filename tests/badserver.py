@@ -17,7 +17,8 @@ from aiohttp import web
 
 @dataclass(frozen=True)
 class Behaviour:
-    kind: str = "honest"  # honest|cut|stall|ignore-range|wrong-range|status|overlong|short-416|redirect
+    # honest|cut|stall|ignore-range|wrong-range|status|overlong|short-416|redirect
+    kind: str = "honest"
     after: int = 0  # cut/stall: body bytes sent before it happens
     status: int = 0
     retry_after: str | None = None
@@ -118,8 +119,10 @@ class BlobServer:
             start = int(rng[6:-1])
         if honour and start >= len(data):
             self.requests.append(Logged(name, headers, 416, 0, b.kind))
-            resp = web.StreamResponse(status=416, headers={
-                "Content-Range": f"bytes */{len(data)}", "Content-Length": "100"})
+            resp = web.StreamResponse(
+                status=416,
+                headers={"Content-Range": f"bytes */{len(data)}", "Content-Length": "100"},
+            )
             if b.kind == "short-416":
                 # Like the CNCF registry: a Content-Length it never sends in full.
                 await resp.prepare(request)
@@ -144,7 +147,7 @@ class BlobServer:
         sent = 0
         step = 64 * 1024
         while sent < limit:
-            piece = body[sent:min(limit, sent + step)]
+            piece = body[sent : min(limit, sent + step)]
             await resp.write(piece)
             sent += len(piece)
             self.bytes_served += len(piece)

@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from badserver import BlobServer, Behaviour, cut, stall
+from badserver import BlobServer, cut, stall
 from crash import run_fetch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 def config(**kw: object) -> Config:
     base: dict[str, object] = dict(
-        chunk_size=CS, checkpoint_bytes=4 * CS, max_download_attempts=100, retry_delay=0,
+        chunk_size=CS,
+        checkpoint_bytes=4 * CS,
+        max_download_attempts=100,
+        retry_delay=0,
         stall_timeout=0.3,
     )
     base.update(kw)
@@ -72,8 +75,9 @@ event = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(events=st.lists(event, max_size=6))
 def test_cuts_stalls_and_kills_end_byte_identical_with_bounded_loss(
     served: ServerThread, tmp_path_factory: pytest.TempPathFactory, events: list[tuple[str, int]]
@@ -141,11 +145,14 @@ corruption = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(first_cut=st.integers(CS, SIZE - 1), damage=corruption)
 def test_corruption_after_a_crash_is_cut_at_the_first_bad_chunk(
-    served: ServerThread, tmp_path_factory: pytest.TempPathFactory, first_cut: int,
+    served: ServerThread,
+    tmp_path_factory: pytest.TempPathFactory,
+    first_cut: int,
     damage: tuple[str, float | int],
 ) -> None:
     root = tmp_path_factory.mktemp("root")

@@ -37,9 +37,11 @@ async def test_each_migration_runs_in_its_own_transaction(tmp_path: Path) -> Non
     folder = tmp_path / "migrations"
     folder.mkdir()
     (folder / "0001_a.sql").write_text("CREATE TABLE a (x INTEGER);\n")
-    (folder / "0002_b.sql").write_text("CREATE TABLE b (y INTEGER);\nINSERT INTO nope VALUES (1);\n")
+    (folder / "0002_b.sql").write_text(
+        "CREATE TABLE b (y INTEGER);\nINSERT INTO nope VALUES (1);\n"
+    )
     db = tmp_path / "state.db"
-    with pytest.raises(StoreError, match="0002_b.sql"):
+    with pytest.raises(StoreError, match=r"0002_b\.sql"):
         await Store.open(db, migrations=folder)
     conn = sqlite3.connect(db)
     # 0001 stayed applied; 0002 rolled back entirely.
@@ -58,7 +60,7 @@ def test_migration_numbers_must_not_skip(tmp_path: Path) -> None:
 async def test_not_a_database_gives_a_clear_error(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     db.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="state.db"):
+    with pytest.raises(StoreError, match=r"state\.db"):
         await Store.open(db)
 
 
@@ -66,8 +68,15 @@ async def test_concurrent_checkpoints_do_not_interleave(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "state.db")
     try:
         for k in range(4):
-            await store.create_transfer(f"k{k}", digest=None, size=None, media_type=None,
-                                        source=None, validator=None, chunk_size=4096)
+            await store.create_transfer(
+                f"k{k}",
+                digest=None,
+                size=None,
+                media_type=None,
+                source=None,
+                validator=None,
+                chunk_size=4096,
+            )
 
         async def writer(k: int) -> None:
             for i in range(50):

@@ -1,1 +1,2 @@
-"""Tools shared by the tests, the benchmarks and the demo: a lossy proxy, a link emulator, an offline registry."""
+"""Tools shared by tests, benchmarks and the demo: a lossy proxy, a link emulator,
+an offline registry and an image builder."""
