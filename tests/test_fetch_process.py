@@ -20,7 +20,7 @@ def _cmd(url: str, digest: str, out: Path, root: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "resumer.cli",
+        "resumer",
         "fetch",
         url,
         "--digest",
