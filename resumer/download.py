@@ -140,6 +140,8 @@ class _Run:
         self.tasks: dict[str, asyncio.Task[BlobResult]] = {}
         self.failures: dict[str, BaseException] = {}  # digest → its transfer's real error
         self.current = 0  # the position registration is at
+        self.cancelled: set[asyncio.Task[BlobResult]] = set()
+        self.diff_ids: dict[str, str] = {}  # digest → diffID computed in this run
 
     async def go(self) -> PullResult:
         ingest = self.transfers.ctx.ingest
@@ -173,9 +175,11 @@ class _Run:
             await self._register_in_order(set(result.existed))
         except BaseException as exc:
             self._cancel_all()
-            await self._settle()  # partials are checkpointed before we return
+            interrupted = await self._settle()  # partials are checkpointed before we return
             if not isinstance(exc, asyncio.CancelledError):
                 await self._mark_failed(exc)
+            if interrupted:
+                raise asyncio.CancelledError from exc
             raise
         for task in self.tasks.values():
             result.stats.add(task.result().stats)
@@ -217,13 +221,22 @@ class _Run:
 
     def _cancel_all(self) -> None:
         for task in self.tasks.values():
-            if not task.done():
+            # Once only: a second cancel would land in the transfer's own cleanup and
+            # cut short the checkpoint of its partial.
+            if not task.done() and task not in self.cancelled:
+                self.cancelled.add(task)
                 task.cancel()
 
-    async def _settle(self) -> None:
-        pending = [t for t in self.tasks.values() if not t.done()]
-        if pending:
-            await asyncio.wait(pending)
+    async def _settle(self) -> bool:
+        """Wait until every transfer has stopped and checkpointed, even if we are
+        cancelled meanwhile (returns True then): the caller may close the store next."""
+        interrupted = False
+        while pending := [t for t in self.tasks.values() if not t.done()]:
+            try:
+                await asyncio.wait(pending)
+            except asyncio.CancelledError:
+                interrupted = True
+        return interrupted
 
     async def _register_in_order(self, existed: set[int]) -> None:
         parent: str | None = None
@@ -240,12 +253,15 @@ class _Run:
                 raise self._failure(i)
             blob = task.result()
             self.emit(Event(job.id, P.EXTRACTING))
-            diff_id = await compute_diff_id(
-                blob.path,
-                job.media_type,
-                max_uncompressed=self.config.max_uncompressed_bytes,
-                digest=job.digest,
-            )
+            diff_id = self.diff_ids.get(job.digest)
+            if diff_id is None:  # a repeated digest is inflated once per run
+                diff_id = await compute_diff_id(
+                    blob.path,
+                    job.media_type,
+                    max_uncompressed=self.config.max_uncompressed_bytes,
+                    digest=job.digest,
+                )
+                self.diff_ids[job.digest] = diff_id
             if diff_id != job.diff_id:
                 raise RegistrationError(
                     f"layer {i} {job.digest}: uncompressed content has diffID {diff_id}, "
