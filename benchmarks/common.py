@@ -1,0 +1,267 @@
+"""Shared helpers: machine and peer descriptions, child timing with peak RSS, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+WORK = BENCH_DIR / "work"  # git-ignored scratch space
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def _first_line(cmd: Sequence[str]) -> str:
+    try:
+        p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    # nginx -v prints to stderr; the others to stdout.
+    text = (p.stdout or p.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def peer_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {
+        "curl": _first_line(["curl", "--version"]),
+        "aria2c": _first_line(["aria2c", "--version"]),
+        "nginx": _first_line(["nginx", "-v"]),
+    }
+    for dist in ("resumer", "aiohttp", "xxhash"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    out["resumer_commit"] = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    return out
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def load_servers() -> ModuleType:
+    """``tests/servers.py`` imported by path: tests/ is not a package and we must not edit it."""
+    path = REPO / "tests" / "servers.py"
+    spec = importlib.util.spec_from_file_location("resumer_test_servers", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up in sys.modules while building the classes.
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def random_blob(path: Path, size: int, seed: int) -> str:
+    """A blob of seeded random bytes at ``path``; returns ``sha256:HEX``.
+
+    Generated once: a sidecar JSON remembers size, seed and digest, so later runs reuse it.
+    """
+    meta = path.with_name(path.name + ".json")
+    if path.exists() and meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("size") == size and info.get("seed") == seed and path.stat().st_size == size:
+            return str(info["digest"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sha = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        left = size
+        while left:
+            piece = rng.randbytes(min(left, 4 * MiB))
+            sha.update(piece)
+            f.write(piece)
+            left -= len(piece)
+    tmp.replace(path)
+    digest = "sha256:" + sha.hexdigest()
+    meta.write_text(json.dumps({"size": size, "seed": seed, "digest": digest}))
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * MiB):
+            sha.update(chunk)
+    return "sha256:" + sha.hexdigest()
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed child process."""
+
+    wall_s: float
+    maxrss_kib: int  # the child's own peak RSS (ru_maxrss is KiB on Linux)
+    user_s: float
+    sys_s: float
+    returncode: int
+    rss_source: str = "GNU time (wait4)"
+
+    @property
+    def maxrss_mib(self) -> float:
+        return self.maxrss_kib / 1024
+
+
+class RunError(RuntimeError):
+    """A benchmarked command failed; carries its stderr."""
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def time_child(cmd: Sequence[str], *, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> Run:
+    """Run ``cmd``; measure wall time and the child's peak RSS and CPU time.
+
+    Why the detour through GNU time: Linux carries the pre-exec address space's RSS
+    high-water mark into ``ru_maxrss`` across exec, and subprocess forks (vforks) from
+    this Python process, so ``os.wait4`` on a direct child reports at least *our* peak
+    RSS (tens of MiB, or hundreds after hashing a blob). GNU time forks from its own
+    ~1 MiB process and reports ``ru_maxrss`` from its ``wait4`` on the command, which is
+    the command's own figure. Without /usr/bin/time we fall back to ``os.wait4`` on the
+    direct child, and say so in ``Run.rss_source``.
+    """
+    WORK.mkdir(parents=True, exist_ok=True)
+    errfile, usage = WORK / "last-stderr.txt", WORK / "last-usage.txt"
+    usage.unlink(missing_ok=True)
+    via_time = Path(GNU_TIME).exists()
+    argv = ([GNU_TIME, "-f", "%M %U %S", "-o", str(usage), *cmd] if via_time else list(cmd))
+    with errfile.open("wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, env=env, cwd=cwd)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code  # reaped by wait4: tell Popen so it does not wait again
+    if code != 0:
+        raise RunError(f"{' '.join(cmd)} exited {code}:\n{errfile.read_text(errors='replace')}")
+    if via_time:
+        # The last line: GNU time prefixes "Command exited…" lines only on failure.
+        maxrss, user, sys_ = usage.read_text().split("\n")[-2].split()
+        return Run(wall, int(maxrss), float(user), float(sys_), code, "GNU time (wait4)")
+    return Run(wall, ru.ru_maxrss, ru.ru_utime, ru.ru_stime, code, "os.wait4 (incl. parent)")
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+# --------------------------------------------------------------------------- results
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
+    """``results/NAME.md`` and ``results/NAME.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md, js = RESULTS / f"{name}.md", RESULTS / f"{name}.json"
+    md.write_text(markdown)
+    js.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    return md, js
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Run):
+        return {**asdict(obj), "maxrss_mib": round(obj.maxrss_mib, 1)}
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def plot_bars(
+    path: Path,
+    title: str,
+    labels: Sequence[str],
+    panels: Sequence[tuple[str, Sequence[float], Sequence[Sequence[float]], float | None]],
+) -> Path:
+    """One bar panel per ``(ylabel, medians, per-run values, goal line or None)``.
+
+    The individual runs are drawn as dots over each bar, so spread is visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on CI machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    xs = list(range(len(labels)))
+    for ax, (ylabel, medians, runs, goal) in zip(axes[0], panels, strict=True):
+        ax.bar(xs, medians, color="#4c72b0", alpha=0.8)
+        for x, vals in zip(xs, runs, strict=True):
+            ax.plot([x] * len(vals), vals, "k.", markersize=4)
+        for x, m in zip(xs, medians, strict=True):
+            ax.annotate(f"{m:.2f}", (x, m), ha="center", va="bottom", fontsize=8)
+        if goal is not None:
+            ax.axhline(goal, color="#c44e52", linestyle="--", linewidth=1, label="goal")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
