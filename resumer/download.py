@@ -276,7 +276,8 @@ class _Run:
     def _failure(self, position: int) -> BaseException:
         """The error that stops registration at ``position``: the lowest real failure."""
         digest = self.layers[position].digest
-        exc = self.failures.get(digest)
+        task = self.tasks[digest]
+        exc = None if task.cancelled() else task.exception()
         if exc is not None:
             return LayerDownloadError(position, digest, exc)
         # This layer was cancelled because another one failed: report that one.
