@@ -33,7 +33,6 @@ from resumer.config import Config
 from resumer.errors import AccessDeniedError, PlatformNotFoundError
 from resumer.lab.images import (
     LayerSpec,
-    Platform,
     build_image,
     push_to_registry,
     write_oci_layout,
@@ -396,11 +395,3 @@ async def test_resolves_through_a_pull_through_cache_mirror_then_the_origin(
     # A transfer loop that failed on the mirror demotes it for every layer.
     source.note_failure(endpoints[0])
     assert [e.host for e in await source.endpoints()] == [origin.host, mirror.host]
-
-
-async def test_platforms_come_from_the_lab_builder(tmp_path: Path) -> None:
-    # Guards the assumption the tests above make about the lab's default platforms.
-    image = build_image(
-        tmp_path, (LayerSpec(size=1024),), platform=Platform("linux", "arm64", "v8")
-    )
-    assert json.loads(image.config)["variant"] == "v8"
