@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -50,7 +51,6 @@ from .errors import (
     ResumerError,
     ServerError,
     TransferError,
-    TransientError,
 )
 from .source import Endpoint, redact_url
 
@@ -452,6 +452,9 @@ class _Token:
     expires_at: float  # on the injected clock's monotonic scale
 
 
+#: How long a failed host stays at the back of endpoint lists before it is tried first
+#: again: a mirror that was down for a minute should not be shunned for the whole pull.
+DEMOTION_SECONDS = 300.0
 #: Spec default when a token server gives no expires_in; Docker uses the same floor.
 _TOKEN_MIN_LIFETIME = 60.0
 #: Refresh a token with less than this left, so a request never races its expiry.
@@ -539,8 +542,10 @@ class RegistryClient:
         if ref.is_docker_hub:
             bases += [m.strip().rstrip("/") for m in self._config.registry_mirrors if m.strip()]
         bases.append(self.origin_url(ref))
-        # A host that failed lately goes to the back; the origin stays the last resort
-        # among equals because sorted() is stable.
+        # A host that failed lately goes to the back, the most recent failure last; the
+        # sort is stable, so healthy hosts keep the configured order, origin last.
+        now = self._clock.monotonic()
+        self._demoted = {h: t for h, t in self._demoted.items() if now - t < DEMOTION_SECONDS}
         return sorted(bases, key=lambda b: self._demoted.get(_host_of(b), float("-inf")))
 
     def note_failure(self, url: str) -> None:
@@ -698,13 +703,13 @@ class RegistryClient:
                 # Authorization when a redirect changes origin, so letting it follow is safe.
                 async with self._session.get(url, headers=sent) as resp:
                     challenge = ", ".join(resp.headers.getall("WWW-Authenticate", []))
-                    limit_now = limit if resp.status == 200 else 1 << 16
-                    result = _Response(
-                        resp.status,
-                        dict(resp.headers),
-                        await _read_limited(resp, limit_now),
-                        str(resp.url),
+                    # Only a 200 body matters; of an error page, the start is enough.
+                    body = (
+                        await _read_limited(resp, limit)
+                        if resp.status == 200
+                        else await resp.content.read(1 << 16)
                     )
+                    result = _Response(resp.status, dict(resp.headers), body, str(resp.url))
             except aiohttp.ClientError as exc:
                 raise _map_client_error(exc, redact_url(url)) from exc
             except TimeoutError as exc:
@@ -793,7 +798,7 @@ class RegistryClient:
         if media_type in _INDEXES:
             index = (resp.body, top_digest, media_type)
             desc, chosen_platform = _pick_platform(what, doc, wanted)
-            child = ref.__class__(ref.registry, ref.repository, ref.tag, desc["digest"])
+            child = dataclasses.replace(ref, digest=desc["digest"])
             resp, base = await self._get_small(
                 child,
                 "manifests",
@@ -904,10 +909,10 @@ class RegistryBlobSource:
             host = _host_of(base)
             try:
                 headers = await self._client.auth_headers(host, self._scope)
-            except TransientError as exc:
-                if base == bases[-1] or len(bases) == 1:
+            except ResumerError as exc:
+                if base == bases[-1]:
                     raise
-                # A mirror whose token server is down must not block the origin.
+                # A mirror whose token server is down or refuses us must not block the rest.
                 log.info("skipping %s this attempt: %s", redact_url(base), exc)
                 continue
             url = f"{base}/v2/{self.reference.repository}/blobs/{self.digest}"
@@ -947,7 +952,7 @@ def _basic(user: str, password: str) -> str:
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes so a hostile server cannot fill memory."""
-    if resp.content_length is not None and resp.content_length > limit and resp.status == 200:
+    if resp.content_length is not None and resp.content_length > limit:
         raise RegistryError(
             f"{redact_url(str(resp.url))}: {resp.content_length} bytes, more than {limit}"
         )

@@ -34,6 +34,7 @@ from resumer.errors import (
     ServerError,
 )
 from resumer.registry import (
+    DEMOTION_SECONDS,
     MANIFEST_ACCEPT,
     RegistryClient,
     host_platform_default,
@@ -682,6 +683,33 @@ async def test_failed_mirror_is_tried_last_until_it_works_again(
     assert (await other.endpoints())[0].host == "m2.example"
     source.note_success(first)
     assert (await source.endpoints())[0].host == "m1.example"
+    # Without a success, the demotion wears off: a mirror down for a while gets another go.
+    source.note_failure(first)
+    clock.now += DEMOTION_SECONDS - 1
+    assert (await source.endpoints())[0].host == "m2.example"
+    clock.now += 2
+    assert (await source.endpoints())[0].host == "m1.example"
+
+
+async def test_mirror_whose_token_server_fails_is_skipped_for_the_attempt(
+    serve: Serve, make_client: Callable[..., RegistryClient]
+) -> None:
+    mirror, origin = FakeRegistry(auth="bearer"), FakeRegistry()
+    mirror_host, origin_host = await serve(mirror), await serve(origin)
+    img = make_image()
+    mirror.put_image("library/app", "v1", img)
+    origin.put_image("library/app", "v1", img)
+    client = make_client(
+        Config(registry_mirrors=(f"http://{mirror_host}",)),
+        endpoint_overrides={"docker.io": f"http://{origin_host}"},
+    )
+    await client.resolve("app:v1")  # through the mirror: its challenge is now known
+    source = client.blob_source("app:v1", digest_of(img.layers[0]))
+    assert [e.host for e in await source.endpoints()] == [mirror_host, origin_host]
+
+    mirror.refuse_tokens = True
+    client._tokens.clear()  # as if the mirror's token expired
+    assert [e.host for e in await source.endpoints()] == [origin_host]
 
 
 async def test_resolve_goes_through_the_mirror_and_falls_back_to_the_origin(
