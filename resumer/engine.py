@@ -58,7 +58,8 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         timeout=timeout,
         auto_decompress=False,
-        read_bufsize=1 << 20,
+        # One network read is the unit a kill can lose on top of unrecorded chunks.
+        read_bufsize=256 * 1024,
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
     )
 

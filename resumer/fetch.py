@@ -257,10 +257,12 @@ async def _handle(
         if size is None and length is not None:
             size = length
         if offset > 0 and validator and new_validator and new_validator != validator:
-            # If-Range failed: the resource changed, so the partial is of another object.
+            # If-Range failed: the resource changed, so the partial is of another object,
+            # and so is the size learned before.
             out.restarted = True
             await sink.reset(new_validator)
             offset = 0
+            size = length
         elif offset > 0:
             out.range_ignored = True
             skip = offset  # Range ignored: the first offset bytes are waste

@@ -15,6 +15,7 @@ Invariants kept here (DESIGN.md):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -36,6 +37,10 @@ from .store import Store, TransferState
 log = logging.getLogger(__name__)
 
 _READ = 1 << 20
+#: batches in the writer thread's queue at once
+_MAX_INFLIGHT = 2  # more reads faster but a kill loses what is queued
+#: how many checkpoint intervals the data may run ahead of the last fdatasync
+_MAX_SYNC_LAG = 4
 #: (idx, xxh3, length or None for a whole chunk)
 _Chunk = tuple[int, int, int | None]
 #: chunks to record, and a durable offset to advance to (after fdatasync)
@@ -171,7 +176,9 @@ class Partial:
         self._pending_len = 0
         self._batch = chunk_size  # one hand-off per chunk: a crash costs at most a few
         self._last_flush = 0.0
-        self._inflight: asyncio.Future[list[tuple[int, int, int | None]]] | None = None
+        # Batches handed to the writer thread and not yet settled, oldest first. Several
+        # in flight keep the socket read while the thread hashes and writes.
+        self._inflight: collections.deque[asyncio.Future[list[_Chunk]]] = collections.deque()
         self._sync_task: asyncio.Task[None] | None = None
         self._synced_request = 0
         self._last_sync = 0.0
@@ -226,7 +233,7 @@ class Partial:
             await self._hand_off()
 
     async def _hand_off(self) -> None:
-        if self._inflight is not None:
+        while len(self._inflight) >= _MAX_INFLIGHT:
             await self._settle()
         if not self._pending:
             return
@@ -238,7 +245,7 @@ class Partial:
         # Record the batch's chunks the moment it is written, not at the next hand-off:
         # what a crash costs is what is not yet recorded.
         fut.add_done_callback(self._on_written)
-        self._inflight = fut
+        self._inflight.append(fut)
 
     def _on_written(self, fut: asyncio.Future[list[tuple[int, int, int | None]]]) -> None:
         if fut.cancelled() or fut.exception() is not None or not self._cfg.checkpoints:
@@ -248,16 +255,16 @@ class Partial:
             self._records.put_nowait((done, None))
 
     async def _settle(self) -> None:
-        """Wait for the batch in the worker thread, then maybe start a sync."""
-        fut = self._inflight
-        if fut is None:
+        """Wait for the oldest batch in the worker thread, then maybe start a sync."""
+        if not self._inflight:
             return
+        fut = self._inflight[0]
         try:
             # Shielded: a cancelled attempt must not lose track of a batch being written.
             await asyncio.shield(fut)
-            self._inflight = None
+            self._inflight.popleft()
         except OSError as exc:
-            self._inflight = None
+            self._inflight.popleft()
             raise StoreError(f"partial {self.path}: write failed: {exc}") from exc
         if self._record_error is not None:
             raise self._record_error
@@ -270,9 +277,9 @@ class Partial:
         )
         if due and self._written > self._synced_request:
             if self._sync_task is not None and not self._sync_task.done():
-                # Bound what a power cut can cost: never run more than two intervals
+                # Bound what a power cut can cost: never run more than a few intervals
                 # ahead of the disk.
-                if self._written - self.durable < 2 * self._cfg.checkpoint_bytes:
+                if self._written - self.durable < _MAX_SYNC_LAG * self._cfg.checkpoint_bytes:
                     return
                 await asyncio.shield(self._sync_task)
             self._start_sync()
@@ -355,7 +362,8 @@ class Partial:
     async def flush(self, *, sync: bool = False) -> None:
         """Write out everything accepted; with ``sync``, checkpoint it durably too."""
         await self._hand_off()
-        await self._settle()
+        while self._inflight:
+            await self._settle()
         if self._sync_task is not None:
             await asyncio.shield(self._sync_task)
         if sync and self._cfg.checkpoints and self._written > self.durable:
@@ -376,6 +384,9 @@ class Partial:
         self._xxh.reset()
         self.offset = self._written = self.durable = self._synced_request = 0
         self._next_chunk = self._chunk_fill = 0
+        # From here the content starts at byte zero: a later mismatch is not a resume's.
+        self.resumed_from = 0
+        self._resumed_in_run = False
         self.validator = validator
         await self._store.cut(self.key, 0, 0, validator)
         self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")

@@ -142,7 +142,8 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 endpoint,
                 partial,
                 size=partial.size,
-                validator=partial.validator,
+                # A digest already pins the content; If-Range only guards URL-keyed ones.
+                validator=None if req.digest else partial.validator,
                 stall=stall,
                 clock=clock,
                 on_bytes=on_bytes,
@@ -213,8 +214,23 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             await countdown(wait, clock, lambda n: emit(Event(req.id, P.RETRYING, value=n)))
     except BaseException as exc:
         if not committed:
-            await _keep_partial(store, partial, req.key, exc)
+            # Shielded: a second cancel must not interrupt the last checkpoint.
+            keep = asyncio.ensure_future(_keep_partial(store, partial, req.key, exc))
+            await _wait_through_cancels(keep)
         raise
+
+
+async def _wait_through_cancels(fut: asyncio.Future[None]) -> None:
+    """Await ``fut`` to the end even if we are cancelled meanwhile; re-raise that after."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+    fut.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _keep_partial(store: Store, partial: Partial, key: str, exc: BaseException) -> None:
@@ -226,6 +242,15 @@ async def _keep_partial(store: Store, partial: Partial, key: str, exc: BaseExcep
             await store.finish_transfer(key, TransferState.PARTIAL, error="cancelled")
         else:
             await store.finish_transfer(key, TransferState.FAILED, error=str(exc))
+
+
+def _settled(task: asyncio.Task[BlobResult]) -> asyncio.Future[None]:
+    """A future that ends when ``task`` has ended, however it ended."""
+
+    async def wait() -> None:
+        await asyncio.wait([task])
+
+    return asyncio.ensure_future(wait())
 
 
 class _EndpointChooser:
@@ -292,7 +317,7 @@ class TransferManager:
             shared.watchers.remove(emit)
             if not shared.watchers and shared.task is not None and not shared.task.done():
                 shared.task.cancel()  # the partial is kept by run_transfer
-                await asyncio.gather(shared.task, return_exceptions=True)
+                await _wait_through_cancels(_settled(shared.task))
             raise
         finally:
             if emit in shared.watchers:

@@ -95,7 +95,8 @@ def _bury(loop: asyncio.AbstractEventLoop, engine: Engine | None) -> None:
     if engine is None:
         return
     for partial in list(engine.ingest.open_partials):
-        partial._writer_pool.shutdown(wait=True)  # the syscall in progress completes
+        # The batch being written completes (a syscall in progress does); queued ones die.
+        partial._writer_pool.shutdown(wait=True, cancel_futures=True)
         partial._sync_pool.shutdown(wait=True)
         if partial._fd >= 0:
             os.close(partial._fd)

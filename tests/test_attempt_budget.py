@@ -217,14 +217,6 @@ async def test_digest_mismatch_from_byte_zero_is_not_retried(tmp_path: Path) -> 
     assert not any((tmp_path / "root" / "blobs" / "sha256").iterdir())
 
 
-RESUMED_FLAG_STICKS = (
-    "core bug: Partial.reset() (ingest.py) clears the bytes but not _resumed_in_run / "
-    "resumed_from, so the retry from zero after a resumed mismatch is still treated as "
-    "resumed and retried again until the budget is gone"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=RESUMED_FLAG_STICKS)
 async def test_digest_mismatch_after_a_resume_retries_from_zero_then_fails_for_good(
     tmp_path: Path,
 ) -> None:

@@ -27,6 +27,7 @@ from resumer.lab.linkemu import (
     LinkProfile,
     Shaper,
     check_environment,
+    remove_stale_namespaces,
 )
 
 
@@ -297,3 +298,25 @@ def test_namespaces_are_deleted_even_when_the_body_fails() -> None:
     assert link.ns_a not in names
     assert link.ns_b not in names
     assert link.stats["up"]["forwarded"] >= 0  # the relay reported before it went
+
+
+@pytest.mark.root
+@needs_root
+async def test_async_with_sets_up_and_tears_down_in_a_thread() -> None:
+    async with LinkEmulator(LinkProfile(delay_ms=1)) as link:
+        assert {link.ns_a, link.ns_b} <= set(_namespaces().split())
+    assert link.ns_a not in _namespaces()
+
+
+@pytest.mark.root
+@needs_root
+def test_namespaces_of_dead_processes_are_removed() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = f"rsm-{dead.pid}-0-a"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert name in remove_stale_namespaces()
+        assert name not in _namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
