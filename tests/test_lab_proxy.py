@@ -284,3 +284,14 @@ def test_bad_schedules_are_refused_with_a_clear_message() -> None:
         Faults(cut_after=(10, 5))
     with pytest.raises(ValueError, match="outage_for"):
         Faults(outage_every=1.0, outage_for=2.0)
+
+
+async def test_a_proxy_refuses_to_forward_to_itself() -> None:
+    async with payload_server() as port:
+        # Take the port the proxy would be given, then ask it to forward there.
+        probe = FaultProxy("127.0.0.1", port)
+        free = await probe.start()
+        await probe.close()
+        loop_proxy = FaultProxy("127.0.0.1", free, listen_port=free)
+        with pytest.raises(ValueError, match="forward to itself"):
+            await loop_proxy.start()

@@ -390,6 +390,10 @@ class FaultProxy:
             self._accept, "127.0.0.1", self._listen_port, limit=2 * READ_SIZE
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.port == self.target_port and self.target_host in ("127.0.0.1", "localhost"):
+            # Each connection would open another to itself until file descriptors run out.
+            await self.close()
+            raise ValueError(f"proxy would forward to itself (127.0.0.1:{self.port})")
         if self.faults.outage_every is not None:
             self._outages = asyncio.create_task(self._outage_loop())
         return self.port
@@ -598,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"proxy: cannot listen: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"proxy: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result), flush=True)
     return 0
 
