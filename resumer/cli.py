@@ -127,8 +127,7 @@ async def _fetch(args: argparse.Namespace, config: Config) -> int:
         finally:
             pass
     if render is not None:
-        if not isinstance(render, P.JsonRenderer):
-            sys.stdout.write(f"Digest: {result.digest}\n")
+        render(P.Event("", f"Digest: {result.digest}"))
         render.stats(result.stats)
     return EXIT_OK
 
