@@ -22,6 +22,7 @@ from typing import Any
 from .cli import _EXTRA_COMMANDS, _HANDLERS, EXIT_FAILED, EXIT_OK
 from .config import Config
 from .lab.blobserver import StaticServer
+from .lab.images import file_digest
 from .lab.proxy import FaultProxy, Faults
 
 MiB = 1 << 20
@@ -79,7 +80,7 @@ async def run_demo(work: Path, size_mib: int, rate_mbps: float, seed: int) -> in
         await proxy.close()
         await server.close()
     wire = proxy.counters.bytes_down
-    ok = second.get("rc") == 0 and out.exists() and _sha(out) == digest
+    ok = second.get("rc") == 0 and out.exists() and file_digest(out) == digest
     stats = second.get("stats", {})
     rows = [
         ("blob size", f"{size:,} B"),
@@ -147,14 +148,6 @@ async def _run_fetch(
             say(f"  {status}")
     result["rc"] = await proc.wait()
     return result
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _printer() -> Any:

@@ -25,6 +25,7 @@ from .config import Config
 from .digest import Digest
 from .errors import StoreError
 from .ingest import Ingest
+from .layout import Layout
 from .progress import Stats
 from .rootlock import RootLock
 from .source import UrlSource, redact_url
@@ -106,6 +107,7 @@ class Engine:
         lock = RootLock(root)
         await lock.acquire(timeout=lock_timeout, on_wait=on_wait)
         try:
+            Layout(root).ensure()  # the root is an OCI image layout
             store = await Store.open(root / "state.db", clock=clock)
             try:
                 async with make_session(config) as session:

@@ -30,8 +30,9 @@ import xxhash
 
 from .clock import Clock
 from .config import Config
-from .digest import Digest, to_signed
+from .digest import to_signed
 from .errors import DigestMismatchError, StoreError, TransferError
+from .layout import Layout
 from .store import Store, TransferState
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ class Ingest:
     def __init__(self, root: Path, store: Store, config: Config, clock: Clock) -> None:
         self.root = root
         self.dir = root / "ingest"
-        self.blobs = root / "blobs" / "sha256"
+        # The root is an OCI image layout; commit renames into its blobs/sha256/.
+        self.layout = Layout(root)
+        self.blobs = self.layout.blobs_dir
         self.store = store
         self.config = config
         self.clock = clock
@@ -78,14 +81,10 @@ class Ingest:
         self.observer: Callable[[str, int], None] | None = None
 
     def blob_path(self, digest: str) -> Path:
-        return self.blobs / Digest.parse(digest).hex
+        return self.layout.blob_path(digest)
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
-        try:
-            st = self.blob_path(digest).stat()
-        except FileNotFoundError:
-            return False
-        return size is None or st.st_size == size
+        return self.layout.has_blob(digest, size)
 
     def partial_path(self, key: str) -> Path:
         return self.dir / key_filename(key)
