@@ -25,7 +25,7 @@ from .config import Config
 from .digest import Digest
 from .errors import StoreError
 from .ingest import Ingest
-from .layout import Layout
+from .layout import Layout, fsync_dir
 from .progress import Stats
 from .rootlock import RootLock
 from .source import UrlSource, redact_url
@@ -160,8 +160,4 @@ def publish(blob: Path, dest: Path, *, move: bool) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-    dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(dest.parent)

@@ -32,7 +32,7 @@ from .clock import Clock
 from .config import Config
 from .digest import to_signed
 from .errors import DigestMismatchError, StoreError, TransferError
-from .layout import Layout
+from .layout import Layout, fsync_dir
 from .store import Store, TransferState
 
 log = logging.getLogger(__name__)
@@ -532,8 +532,4 @@ def _commit_file(fd: int, src: Path, dest: Path) -> None:
         src.unlink(missing_ok=True)
     else:
         os.rename(src, dest)
-    dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(dest.parent)

@@ -53,7 +53,8 @@ def _index_lock(path: Path) -> asyncio.Lock:
     return per_loop.setdefault(path, asyncio.Lock())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -74,7 +75,7 @@ def _write_atomic(dest: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def _write_blob(dest: Path, data: bytes) -> None:
@@ -187,7 +188,7 @@ class Layout:
                 raise
             self._copy_verified(src, dest, digest)
             return
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def _copy_verified(self, src: Path, dest: Path, digest: str) -> None:
         if dest.exists():
@@ -212,7 +213,7 @@ class Layout:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     # ------------------------------------------------------------------ index
 
