@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
     _common(f)
 
+    pl = sub.add_parser("pull", help="pull an image into an OCI layout, resumably")
+    pl.add_argument("image")
+    pl.add_argument(
+        "--dest",
+        type=Path,
+        metavar="OCI_DIR",
+        help="OCI image layout to write (default: the root's own)",
+    )
+    pl.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
+    pl.add_argument("--registry-mirror", action="append", metavar="URL")
+    pl.add_argument("--insecure-registry", action="append", metavar="HOST[:PORT]")
+    pl.add_argument("-q", "--quiet", action="store_true", help="print only the reference")
+    _common(pl)
+
+    r = sub.add_parser("resume", help="continue every unfinished pull with its stored options")
+    _common(r)
+
     s = sub.add_parser("status", help="unfinished transfers: offset/size, attempts, waste")
     s.add_argument("--json", action="store_true")
     _common(s, transfer=False)
@@ -132,6 +149,42 @@ async def _fetch(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def _pull(args: argparse.Namespace, config: Config) -> int:
+    from .engine import Engine
+
+    render = None if args.quiet else P.renderer(config.progress, sys.stdout)
+    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+        outcome = await engine.pull(
+            args.image, dest=args.dest, platform=args.platform, on_progress=render or P.ignore
+        )
+    if args.quiet:
+        sys.stdout.write(outcome.reference + "\n")
+    elif render is not None:
+        render(P.Event("", f"Status: {outcome.status}"))
+        if not isinstance(render, P.JsonRenderer):
+            sys.stdout.write(outcome.reference + "\n")
+        render.stats(outcome.stats)
+    return EXIT_OK
+
+
+async def _resume(args: argparse.Namespace, config: Config) -> int:
+    from .engine import Engine
+
+    render = P.renderer(config.progress, sys.stdout)
+    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+        outcomes = await engine.resume(on_progress=render or P.ignore)
+    total = P.Stats()
+    for outcome in outcomes:
+        total.add(outcome.stats)
+        if render is not None:
+            render(P.Event("", f"Status: {outcome.status}"))
+    if render is not None:
+        if not outcomes:
+            render(P.Event("", "Status: nothing to resume"))
+        render.stats(total)
+    return EXIT_OK
+
+
 async def _status(args: argparse.Namespace, config: Config) -> int:
     from .status import collect, render_text
 
@@ -143,7 +196,7 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-_HANDLERS.update({"fetch": _fetch, "status": _status})
+_HANDLERS.update({"fetch": _fetch, "pull": _pull, "resume": _resume, "status": _status})
 
 
 def _say(message: str) -> None:
@@ -197,7 +250,7 @@ def _load_extra_commands() -> None:
     # Commands that live in their own modules register themselves on import.
     import importlib
 
-    for mod in ("resumer.pullcli", "resumer.demo"):
+    for mod in ("resumer.demo",):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

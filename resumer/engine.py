@@ -27,6 +27,9 @@ from .errors import StoreError
 from .ingest import Ingest
 from .layout import Layout, fsync_dir
 from .progress import Stats
+from .pull import PullOutcome, config_with, layout_for, pull_image
+from .pulls import Pulls
+from .registry import RegistryClient
 from .rootlock import RootLock
 from .source import UrlSource, redact_url
 from .store import Store
@@ -86,6 +89,64 @@ class Engine:
         self.ctx = TransferContext(session, store, self.ingest, config, clock, self.run_id)
         self.transfers = TransferManager(self.ctx)
         self.lock: RootLock | None = None
+        self._registries: dict[tuple[tuple[str, ...], tuple[str, ...]], RegistryClient] = {}
+        #: tests and the lab point a registry name at a local URL (e.g. docker.io → 127.0.0.1)
+        self.endpoint_overrides: dict[str, str] = {}
+
+    def registry(self, config: Config | None = None) -> RegistryClient:
+        """One client (token cache, host health) per set of mirror/insecure options."""
+        config = config or self.config
+        key = (config.registry_mirrors, config.insecure_registries)
+        if key not in self._registries:
+            self._registries[key] = RegistryClient(
+                self.session,
+                config,
+                clock=self.clock,
+                endpoint_overrides=self.endpoint_overrides,
+            )
+        return self._registries[key]
+
+    async def pull(
+        self,
+        reference: str,
+        *,
+        dest: Path | None = None,
+        platform: str | None = None,
+        on_progress: P.ProgressCallback = P.ignore,
+    ) -> PullOutcome:
+        """Pull an image into ``dest`` (an OCI layout; default: the root's own)."""
+        return await pull_image(
+            reference,
+            client=self.registry(),
+            transfers=self.transfers,
+            store=self.store,
+            config=self.config,
+            dest=layout_for(self.root, dest),
+            content=self.ingest.layout,
+            platform=platform,
+            emit=on_progress,
+        )
+
+    async def resume(self, on_progress: P.ProgressCallback = P.ignore) -> list[PullOutcome]:
+        """Continue every unfinished pull, oldest first, with its stored options."""
+        outcomes = []
+        for stored in await Pulls(self.store).unfinished():
+            config = config_with(self.config, stored.options)
+            outcomes.append(
+                await pull_image(
+                    stored.reference,
+                    client=self.registry(config),
+                    transfers=self.transfers,
+                    store=self.store,
+                    config=config,
+                    dest=layout_for(self.root, Path(stored.dest)),
+                    content=self.ingest.layout,
+                    platform=stored.platform,
+                    emit=on_progress,
+                    pin=stored.manifest_digest,
+                )
+            )
+        return outcomes
 
     @classmethod
     @contextlib.asynccontextmanager
