@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,6 @@ class Config:
     insecure_registries: tuple[str, ...] = ()
     platform: str | None = None
     progress: str = "auto"
-    resume_enabled: bool = True
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_download_attempts < 1:

@@ -24,6 +24,7 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .digest import Digest
 from .errors import StoreError
+from .gc import collect_partials
 from .ingest import Ingest
 from .layout import Layout, fsync_dir
 from .progress import Stats
@@ -174,6 +175,7 @@ class Engine:
                 async with make_session(config) as session:
                     engine = cls(root, config, store, session, clock or SystemClock())
                     engine.lock = lock
+                    await collect_partials(engine.ingest, config.partial_budget_bytes)
                     yield engine
             finally:
                 await store.close()
