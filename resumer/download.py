@@ -196,7 +196,12 @@ class _Run:
 
     async def _download(self, job: LayerJob, positions: list[int]) -> BlobResult:
         req = BlobRequest(
-            job.digest, job.source, digest=job.digest, size=job.size, media_type=job.media_type
+            job.digest,
+            job.source,
+            digest=job.digest,
+            size=job.size,
+            media_type=job.media_type,
+            pull_id=self.pull_id,
         )
         result = await self.transfers.fetch(req, self.emit)
         if result.existed:

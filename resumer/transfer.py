@@ -49,13 +49,19 @@ class TransferStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class BlobRequest:
-    """What to transfer. ``key`` is the digest, or ``url:…`` when the digest is unknown."""
+    """What to transfer. ``key`` is the digest, or ``url:…`` when the digest is unknown.
+
+    ``pull_id`` says which stored pull wants the blob, for the ``attempts`` rows. It is not
+    part of the dedup key: a transfer shared by two pulls runs once and its attempts
+    name the pull that started it.
+    """
 
     key: str
     source: Source
     digest: str | None = None
     size: int | None = None
     media_type: str | None = None
+    pull_id: int | None = field(default=None, compare=False)
 
     @property
     def id(self) -> str:
@@ -83,15 +89,25 @@ class TransferContext:
     config: Config
     clock: Clock
     run_id: str
+    #: The pull for attempts whose request names none (``BlobRequest.pull_id`` wins).
     pull_id: int | None = None
+
+
+def _existing(ctx: TransferContext, req: BlobRequest) -> BlobResult | None:
+    """The blob's result if it is already committed in the store (no transfer needed)."""
+    if req.digest and ctx.ingest.has_blob(req.digest, req.size):
+        path = ctx.ingest.blob_path(req.digest)
+        return BlobResult(path, req.digest, path.stat().st_size, existed=True)
+    return None
 
 
 async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> BlobResult:
     """Download one blob to commit, within the attempt budget of this run."""
     cfg, store, clock = ctx.config, ctx.store, ctx.clock
-    if req.digest and ctx.ingest.has_blob(req.digest, req.size):
-        path = ctx.ingest.blob_path(req.digest)
-        return BlobResult(path, req.digest, path.stat().st_size, existed=True)
+    existing = _existing(ctx, req)
+    if existing is not None:
+        return existing
+    pull_id = req.pull_id if req.pull_id is not None else ctx.pull_id
     stats = Stats()
     partial, reopened = await ctx.ingest.open(
         req.key,
@@ -135,7 +151,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 attempt_no=attempts,
                 host=endpoint.host,
                 start_offset=start,
-                pull_id=ctx.pull_id,
+                pull_id=pull_id,
             )
             out = await attempt(
                 ctx.session,
@@ -285,6 +301,7 @@ class _Shared:
         self.watchers: list[Emit] = []
         self.task: asyncio.Task[BlobResult] | None = None
         self.status = TransferStatus.WAITING
+        self.queued = False  # "Waiting" was announced and the slot is not taken yet
 
     def emit(self, event: Event) -> None:
         for w in list(self.watchers):
@@ -310,6 +327,9 @@ class TransferManager:
             self._active[req.key] = shared
             shared.task = asyncio.create_task(self._run(shared), name=f"transfer {req.key}")
         shared.watchers.append(emit)
+        if shared.queued:
+            # Joined a transfer that is queued: it has told the others, tell this one too.
+            emit(Event(req.id, P.WAITING))
         try:
             assert shared.task is not None
             return await asyncio.shield(shared.task)
@@ -332,9 +352,19 @@ class TransferManager:
 
     async def _run(self, shared: _Shared) -> BlobResult:
         req = shared.req
+        # Already committed: no slot, no "Waiting", not counted as started.
+        existing = _existing(self.ctx, req)
+        if existing is not None:
+            shared.status = TransferStatus.DONE
+            return existing
         if self._sem.locked():
+            shared.queued = True
             shared.emit(Event(req.id, P.WAITING))
-        async with self._sem:
+        try:
+            await self._sem.acquire()
+        finally:
+            shared.queued = False
+        try:
             shared.status = TransferStatus.RUNNING
             self.running += 1
             self.max_running = max(self.max_running, self.running)
@@ -348,3 +378,5 @@ class TransferManager:
                 self.running -= 1
             shared.status = TransferStatus.DONE
             return result
+        finally:
+            self._sem.release()
