@@ -49,7 +49,14 @@ from aiohttp import web
 
 from .images import BuiltImage, sha256_digest
 
-__all__ = ["OfflineRegistry", "RequestRecord", "main", "parse_range"]
+__all__ = [
+    "FromZeroResult",
+    "OfflineRegistry",
+    "RequestRecord",
+    "main",
+    "parse_range",
+    "pull_from_zero",
+]
 
 #: Body pieces: one read from disk, one write to the socket.
 PIECE = 256 * 1024
@@ -407,16 +414,19 @@ class OfflineRegistry:
         await resp.prepare(request)
         if request.method == "HEAD":
             return resp
-        with _open_read(path) as f:
-            f.seek(start)
-            left = length
-            while left:
-                piece = f.read(min(PIECE, left))
-                if not piece:  # the file shrank under us: end short, the client will see
-                    break
-                left -= len(piece)
-                await resp.write(piece)
-        await resp.write_eof()
+        try:
+            with _open_read(path) as f:
+                f.seek(start)
+                left = length
+                while left:
+                    piece = f.read(min(PIECE, left))
+                    if not piece:  # the file shrank under us: end short, the client will see
+                        break
+                    left -= len(piece)
+                    await resp.write(piece)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client (or the lab's proxy) cut the connection: nothing to answer
         return resp
 
     async def _put_manifest(self, request: web.Request, name: str, ref: str) -> web.Response:
@@ -566,6 +576,90 @@ def _json(doc: dict[str, Any], *, head: bool = False) -> web.Response:
         headers["Content-Length"] = str(len(body))
         return web.Response(headers=headers)
     return web.Response(body=body, headers=headers)
+
+
+# --------------------------------------------------------------------------- from zero
+
+
+@dataclass
+class FromZeroResult:
+    """What a client that throws partials away achieved: the baseline resumer is held to."""
+
+    complete: bool
+    blobs_done: int  # config and layers that arrived whole and verified
+    blobs: int
+    attempts: int
+    body_bytes: int  # body bytes received, kept or thrown away
+
+
+async def pull_from_zero(
+    base_url: str,
+    repo: str,
+    reference: str,
+    *,
+    attempts: int = 5,
+    concurrency: int = 3,
+) -> FromZeroResult:
+    """Pull a single-platform image the way ``curl --retry`` fetches a file, into nothing.
+
+    Every attempt at a blob is a new connection and a plain GET from byte zero; a cut
+    attempt's bytes are thrown away. Each blob gets ``attempts`` attempts (the manifest
+    too), ``concurrency`` blobs move at once, and there is no delay between attempts. The
+    bytes are only counted and verified, never stored. Used by ``resumer demo`` to
+    *measure* what restarting from zero costs on the same seeded link.
+    """
+    import aiohttp
+
+    base = base_url.rstrip("/")
+    accept = ", ".join(
+        [
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ]
+    )
+    result = FromZeroResult(False, 0, 0, 0, 0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=False
+    ) as session:
+
+        async def get(path: str, digest: str | None, headers: dict[str, str]) -> bytes | None:
+            for _ in range(attempts):
+                result.attempts += 1
+                h = hashlib.sha256()
+                body = bytearray() if digest is None else None
+                try:
+                    async with session.get(base + path, headers=headers) as r:
+                        if r.status != 200:
+                            continue
+                        async for piece in r.content.iter_chunked(PIECE):
+                            result.body_bytes += len(piece)
+                            h.update(piece)
+                            if body is not None:
+                                body += piece
+                except (TimeoutError, aiohttp.ClientError, OSError):
+                    continue
+                if digest is None or "sha256:" + h.hexdigest() == digest:
+                    return bytes(body) if body is not None else b""
+            return None
+
+        raw = await get(f"/v2/{repo}/manifests/{reference}", None, {"Accept": accept})
+        if raw is None:
+            return result
+        manifest = json.loads(raw)
+        wanted = [manifest["config"]["digest"]] + [d["digest"] for d in manifest["layers"]]
+        result.blobs = len(wanted)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def blob(digest: str) -> None:
+            async with gate:
+                if await get(f"/v2/{repo}/blobs/{digest}", digest, {}) is not None:
+                    result.blobs_done += 1
+
+        await asyncio.gather(*(blob(d) for d in wanted))
+    result.complete = result.blobs_done == result.blobs
+    return result
 
 
 # --------------------------------------------------------------------------- standalone
