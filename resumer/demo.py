@@ -1,156 +1,391 @@
-"""``resumer demo``: a real ``resumer fetch`` through a lossy local link, one kill, a resume.
+"""``resumer demo``: a real ``resumer pull`` over a lossy local link, one SIGKILL, a resume.
 
-Offline and without root: it writes a blob, serves it on 127.0.0.1, puts the seeded
-fault-injecting proxy in front (connection cuts, a bandwidth limit), runs ``resumer
-fetch`` as a child process, SIGKILLs it once mid-transfer, runs it again, and prints
-what crossed the wire against the blob size.
+Offline and without root. It builds a 4-layer gzip image (compressible text and random
+layers), serves it from the lab's offline registry on 127.0.0.1, puts the seeded
+fault-injecting proxy in front (a bandwidth limit, and every connection reset somewhere
+between 1/8 and 1/4 of the image), and then:
+
+1. runs ``resumer pull`` as a child process, following its ``--progress json`` lines,
+   and SIGKILLs it once half of the layer bytes have arrived;
+2. runs ``resumer resume`` until the pull is done (once, normally);
+3. checks the sha256 of every blob in the resulting OCI image layout itself;
+4. measures the baseline: the same link, the same seeded cut schedule, and a client that
+   restarts every blob from byte zero, with docker's 5 attempts per blob;
+5. prints what crossed the wire against the image size, and against that baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
-import random
+import shutil
 import signal
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import progress as P
 from .cli import _EXTRA_COMMANDS, _HANDLERS, EXIT_FAILED, EXIT_OK
 from .config import Config
-from .lab.blobserver import StaticServer
-from .lab.images import file_digest
+from .lab.images import BuiltImage, LayerSpec, build_image, file_digest
 from .lab.proxy import FaultProxy, Faults
+from .lab.registry import FromZeroResult, OfflineRegistry, pull_from_zero
 
 MiB = 1 << 20
+REPO, TAG = "demo/app", "1"
+#: Docker's default max-download-attempts: the baseline's budget per blob, and resumer's.
+ATTEMPTS = 5
+#: resumer's retry step for the demo (docker's is 5 s: 5, 10, 15 … s between attempts).
+RETRY_DELAY = 0.2
+#: Compressed share of the image per layer, and whether it is compressible text.
+LAYERS = ((10 / 48, True), (18 / 48, False), (15 / 48, False), (5 / 48, True))
+#: How much the generated text shrinks under gzip (measured: ~2.9x).
+TEXT_RATIO = 2.9
+#: Statuses the condensed (non-tty) display leaves out; the tty shows them all.
+QUIET = (P.PULLING_FS_LAYER, P.WAITING, P.VERIFYING, P.EXTRACTING)
+#: More runs than this and the demo gives up (one killed, normally one resume).
+MAX_RUNS = 4
+
+Say = Callable[[str], None]
 
 
 def _register(sub: Any) -> None:
     p = sub.add_parser("demo", help="offline demonstration on a local lossy link")
-    p.add_argument("--size-mib", type=int, default=48, help="blob size (default 48)")
+    p.add_argument("--size-mib", type=int, default=48, help="image size (default 48)")
     p.add_argument("--rate-mbps", type=float, default=200.0, help="link rate, Mbit/s")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="seed of the image and the cuts")
     p.add_argument("--workdir", type=Path, help="keep files here instead of a temp dir")
     p.add_argument("--progress", choices=["auto", "tty", "plain", "json", "none"])
+    p.add_argument(
+        "--kill-at", type=float, default=0.5, help="SIGKILL the pull at this fraction (0.5)"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip measuring the from-zero client")
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 async def _demo(args: argparse.Namespace, config: Config) -> int:
+    progress = args.progress or "auto"
+    if progress == "auto":
+        progress = "tty" if sys.stdout.isatty() else "plain"
+    options = DemoOptions(
+        size_mib=args.size_mib,
+        rate_mbps=args.rate_mbps,
+        seed=args.seed,
+        progress=progress,
+        kill_at=args.kill_at,
+        baseline=not args.no_baseline,
+    )
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        return await run_demo(args.workdir, args.size_mib, args.rate_mbps, args.seed)
+        return await run_demo(args.workdir, options)
     with tempfile.TemporaryDirectory(prefix="resumer-demo-") as tmp:
-        return await run_demo(Path(tmp), args.size_mib, args.rate_mbps, args.seed)
+        return await run_demo(Path(tmp), options)
 
 
-async def run_demo(work: Path, size_mib: int, rate_mbps: float, seed: int) -> int:
-    say = _printer()
+@dataclass(frozen=True)
+class DemoOptions:
+    size_mib: int = 48
+    rate_mbps: float = 200.0
+    seed: int = 7
+    progress: str = "plain"  # tty | plain | json | none
+    kill_at: float = 0.5
+    baseline: bool = True
+
+
+def build_demo_image(workdir: Path, size_mib: int, seed: int) -> BuiltImage:
+    """The demo image: ~``size_mib`` MiB of gzip layers, text and random, from ``seed``."""
     size = size_mib * MiB
-    www = work / "www"
-    www.mkdir(exist_ok=True)
-    blob = random.Random(seed).randbytes(size)
-    (www / "layer.bin").write_bytes(blob)
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    server = StaticServer(www)
-    await server.start()
-    # Every connection is cut somewhere between 1/8 and 1/3 of the blob: a client that
-    # starts again from byte zero can never finish on this link.
-    faults = Faults(cut_after=(size // 8, size // 3), rate=rate_mbps * 1e6 / 8)
-    proxy = FaultProxy("127.0.0.1", server.port, faults, seed=seed)
-    await proxy.start()
-    url = f"http://127.0.0.1:{proxy.port}/layer.bin"
-    out, root = work / "layer.out", work / "root"
-    say(
-        f"resumer demo: {size_mib} MiB blob on 127.0.0.1, link {rate_mbps:g} Mbit/s, "
-        f"every connection cut after {size // 8 // MiB}-{size // 3 // MiB} MiB (seed {seed})"
-    )
-    try:
-        say("run 1: resumer fetch, killed with SIGKILL at half way")
-        first = await _run_fetch(url, digest, out, root, kill_at=size // 2, say=say)
-        wire_1 = proxy.counters.bytes_down
-        say(f"  killed at {first['killed_at'] / MiB:.1f} MiB; partial kept in {root}/ingest")
-        say("run 2: resumer fetch again: resumes from the checkpoint")
-        second = await _run_fetch(url, digest, out, root, kill_at=None, say=say)
-    finally:
-        await proxy.close()
-        await server.close()
-    wire = proxy.counters.bytes_down
-    ok = second.get("rc") == 0 and out.exists() and file_digest(out) == digest
-    stats = second.get("stats", {})
-    rows = [
-        ("blob size", f"{size:,} B"),
-        ("bytes on the wire, both runs", f"{wire:,} B ({wire / size:.3f}x the blob)"),
-        ("  run 1 (killed)", f"{wire_1:,} B"),
-        ("  run 2 (resumed)", f"{wire - wire_1:,} B"),
-        ("connections cut by the link", f"{proxy.counters.cuts}"),
-        ("attempts / resumes in run 2", f"{stats.get('attempts')} / {stats.get('resumes')}"),
-        ("wasted (thrown away) in run 2", f"{stats.get('wasted_bytes', 0):,} B"),
-        (
-            "restart from zero",
-            "never completes: computed from the schedule, every "
-            f"connection is cut before {size // 3 // MiB} MiB",
-        ),
-        ("result", "verified " + digest[:19] + "…" if ok else "FAILED"),
+    specs = [
+        LayerSpec(
+            size=int(share * size * (TEXT_RATIO if text else 1)),
+            compression="gzip",
+            compressible=text,
+            files=8 if text else 2,
+        )
+        for share, text in LAYERS
     ]
+    return build_image(workdir, specs, seed=seed)
+
+
+def image_bytes(image: BuiltImage) -> int:
+    """Everything a pull must bring: layers, config and manifest."""
+    return image.total_layer_bytes() + len(image.config) + len(image.manifest)
+
+
+async def run_demo(work: Path, opts: DemoOptions) -> int:
+    say = _printer()
+    started = time.monotonic()
+    for sub in ("image", "registry", "root"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    image = await asyncio.to_thread(build_demo_image, work / "image", opts.size_mib, opts.seed)
+    total = image_bytes(image)
+    layer_total = image.total_layer_bytes()
+    root = work / "root"
+    cut_lo, cut_hi = opts.size_mib * MiB // 8, opts.size_mib * MiB // 4
+    faults = Faults(cut_after=(cut_lo, cut_hi), rate=opts.rate_mbps * 1e6 / 8)
+    biggest = max(layer.size for layer in image.layers)
+    say(
+        f"resumer demo: a {len(image.layers)}-layer image, {_mib(total)} MiB of gzip "
+        f"(text and random), served by an offline registry on 127.0.0.1"
+    )
+    say(
+        f"  the link: {opts.rate_mbps:g} Mbit/s, and every connection reset after "
+        f"{_mib(cut_lo)}-{_mib(cut_hi)} MiB (seed {opts.seed}); retry delay {RETRY_DELAY} s"
+    )
+    runs: list[RunResult] = []
+    async with OfflineRegistry(work / "registry", accept_pushes=False) as registry:
+        registry.add_image(REPO, TAG, image)
+        async with FaultProxy("127.0.0.1", registry.port, faults, seed=opts.seed) as proxy:
+            reference = f"127.0.0.1:{proxy.port}/{REPO}:{TAG}"
+            common = ["--root", str(root), "--progress", "json", "--retry-delay", str(RETRY_DELAY)]
+            say("")
+            say(f"$ resumer pull {reference}    (SIGKILLed at {opts.kill_at:.0%} of the layers)")
+            display = _Display(opts.progress, say)
+            run = await _run_child(
+                ["pull", reference, *common],
+                display,
+                kill_after=int(opts.kill_at * layer_total),
+            )
+            run.wire = proxy.counters.bytes_down
+            runs.append(run)
+            if run.killed_at is not None:
+                display.note(
+                    f"** SIGKILL at {_mib(run.killed_at)} of {_mib(layer_total)} MiB: "
+                    f"the process is gone, its partials stay in {root / 'ingest'}"
+                )
+            while runs[-1].rc != 0 or runs[-1].killed_at is not None:
+                if len(runs) >= MAX_RUNS:
+                    break
+                say("")
+                say("$ resumer resume")
+                display = _Display(opts.progress, say)
+                before = proxy.counters.bytes_down
+                run = await _run_child(["resume", *common], display, kill_after=None)
+                run.wire = proxy.counters.bytes_down - before
+                runs.append(run)
+            wire = proxy.counters.bytes_down
+            cuts = proxy.counters.cuts
+        baseline: FromZeroResult | None = None
+        baseline_wire = 0
+        if opts.baseline:
+            say("")
+            say(
+                f"baseline: the same link and seeded cut schedule, every blob restarted "
+                f"from byte zero on each attempt, {ATTEMPTS} attempts per blob…"
+            )
+            async with FaultProxy("127.0.0.1", registry.port, faults, seed=opts.seed) as bproxy:
+                baseline = await pull_from_zero(
+                    f"http://127.0.0.1:{bproxy.port}", REPO, TAG, attempts=ATTEMPTS
+                )
+                baseline_wire = bproxy.counters.bytes_down
+    verified, problem = await asyncio.to_thread(verify_layout, root, image)
+    elapsed = time.monotonic() - started
+
+    rows: list[tuple[str, str]] = [
+        ("image", f"{len(image.layers)} layers + config + manifest: {total:,} B"),
+        (
+            "resumer on the wire",
+            f"{wire:,} B = {wire / total:.3f}x the image\n"
+            f"{len(runs)} runs, {cuts} connection resets, 1 SIGKILL",
+        ),
+    ]
+    for i, r in enumerate(runs):
+        what = "pull, killed" if r.killed_at is not None else ("pull" if i == 0 else "resume")
+        if r.rc not in (0, None) and r.killed_at is None:
+            what += f", exit {r.rc}"
+        s = r.stats
+        detail = ""
+        if s:
+            detail = (
+                f": {s.get('attempts')} attempts, {s.get('resumes')} resumed, "
+                f"{s.get('wasted_bytes', 0):,} B thrown away"
+            )
+        rows.append((f"  run {i + 1} ({what})", f"{r.wire:,} B{detail}"))
+    if baseline is not None:
+        if baseline.complete:
+            outcome = (
+                f"completes, {baseline.attempts} attempts\n"
+                f"{baseline_wire:,} B = {baseline_wire / total:.2f}x the image on the wire"
+            )
+        else:
+            missing = baseline.blobs - baseline.blobs_done
+            outcome = (
+                f"never completes: {missing} of {baseline.blobs} blobs missing after "
+                f"{ATTEMPTS} attempts each\n"
+                f"{baseline_wire:,} B = {baseline_wire / total:.2f}x the image on the wire, "
+                "for an incomplete image"
+            )
+        outcome += "\n(measured: same seed and cut schedule, each attempt from byte zero)"
+    else:
+        outcome = (
+            f"never completes: every connection is reset by {_mib(cut_hi)} MiB,\n"
+            f"and the biggest layer is {_mib(biggest)} MiB "
+            "(computed from the schedule, not measured: --no-baseline)"
+        )
+    rows.append(("restart from zero", outcome))
+    rows.append(
+        (
+            "result",
+            f"verified {image.manifest_digest[:19]}…: every blob's sha256 checked"
+            if verified
+            else f"FAILED: {problem}",
+        )
+    )
+    rows.append(("demo time", f"{elapsed:.1f} s"))
     width = max(len(k) for k, _ in rows)
     say("")
     for k, v in rows:
-        say(f"  {k.ljust(width)}  {v}")
-    return EXIT_OK if ok else EXIT_FAILED
+        first, *more = v.split("\n")
+        say(f"  {k.ljust(width)}  {first}")
+        for line in more:
+            say(f"  {' ' * width}  {line}")
+    return EXIT_OK if verified else EXIT_FAILED
 
 
-async def _run_fetch(
-    url: str, digest: str, out: Path, root: Path, *, kill_at: int | None, say: Any
-) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "resumer",
-        "fetch",
-        url,
-        "--digest",
-        digest,
-        "-o",
-        str(out),
-        "--root",
-        str(root),
-        "--progress",
-        "json",
-        "--retry-delay",
-        "0.2",
+def verify_layout(root: Path, image: BuiltImage) -> tuple[bool, str]:
+    """Check the pulled OCI layout on our own: the tag, then the sha256 of every blob."""
+    try:
+        index = json.loads((root / "index.json").read_text())
+    except (OSError, ValueError) as exc:
+        return False, f"no readable index.json in {root}: {exc}"
+    entries = [
+        m
+        for m in index.get("manifests", [])
+        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == TAG
     ]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
+    if not entries or entries[0].get("digest") != image.manifest_digest:
+        return False, f"index.json does not name {image.manifest_digest} as {TAG}"
+    wanted = [(image.manifest_digest, len(image.manifest))]
+    wanted += [(image.config_digest, len(image.config))]
+    wanted += [(layer.digest, layer.size) for layer in image.layers]
+    for digest, size in wanted:
+        path = root / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        if not path.exists():
+            return False, f"blob {digest} is missing"
+        if path.stat().st_size != size or file_digest(path) != digest:
+            return False, f"blob {digest} is not what the registry served"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- child runs
+
+
+@dataclass
+class RunResult:
+    rc: int | None = None
+    killed_at: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    wire: int = 0
+
+
+async def _run_child(command: list[str], display: _Display, *, kill_after: int | None) -> RunResult:
+    """Run ``python -m resumer COMMAND``, show its JSON lines, SIGKILL it past ``kill_after``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "resumer", *command, stdout=asyncio.subprocess.PIPE
+    )
     assert proc.stdout is not None
-    result: dict[str, Any] = {}
-    shown = -1
+    result = RunResult()
+    done: dict[str, int] = {}  # layer id → bytes it has, as the child reports them
+    totals: dict[str, int] = {}
     async for raw in proc.stdout:
-        msg = json.loads(raw)
-        if "stats" in msg:
-            result["stats"] = msg["stats"]
+        try:
+            msg = json.loads(raw)
+        except ValueError:
             continue
-        status = str(msg.get("status", msg.get("error", "")))
-        current = msg.get("progressDetail", {}).get("current")
-        if current is not None:
-            tenth = current * 10 // max(1, msg["progressDetail"].get("total") or 1)
-            if tenth != shown:
-                shown = tenth
-                say(f"  {current / MiB:6.1f} MiB")
-            if kill_at is not None and current >= kill_at:
-                result["killed_at"] = current
-                proc.send_signal(signal.SIGKILL)
-                break
-        elif status:
-            say(f"  {status}")
-    result["rc"] = await proc.wait()
+        if "stats" in msg:
+            result.stats = msg["stats"]
+            continue
+        display.message(raw.decode().rstrip("\n"), msg)
+        lid, detail = msg.get("id"), msg.get("progressDetail") or {}
+        if lid and detail.get("current") is not None:
+            done[lid] = int(detail["current"])
+            totals[lid] = int(detail.get("total") or 0)
+        elif lid in totals and msg.get("status") == P.DOWNLOAD_COMPLETE:
+            done[lid] = totals[lid]
+        if kill_after is not None and sum(done.values()) >= kill_after:
+            result.killed_at = sum(done.values())
+            proc.send_signal(signal.SIGKILL)
+            break
+    result.rc = await proc.wait()
+    display.finish()
     return result
 
 
-def _printer() -> Any:
+class _Display:
+    """Docker-like lines for the child's JSON events: live on a tty, condensed otherwise.
+
+    Condensed: one line per status change, and Downloading lines at each quarter only.
+    """
+
+    def __init__(self, mode: str, say: Say) -> None:
+        self.mode = mode
+        self.say = say
+        self.tty = P.TtyRenderer(sys.stdout) if mode == "tty" else None
+        self._last: dict[str, tuple[str, int]] = {}
+
+    def message(self, raw: str, msg: dict[str, Any]) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "json":
+            self.say(raw)
+            return
+        event = _event(msg)
+        if self.tty is not None:
+            self.tty(event)
+            return
+        if event.error is not None:
+            self.say(f"  error: {event.error}")
+            return
+        if event.status in QUIET:
+            return
+        quarter = -1
+        if event.status == P.DOWNLOADING and event.total:
+            quarter = 4 * (event.current or 0) // event.total
+        key = (event.status, quarter)
+        if self._last.get(event.id) == key and event.status not in (P.RESUMING, P.RETRYING):
+            return
+        self._last[event.id] = key
+        detail = ""
+        if event.status == P.DOWNLOADING and event.total:
+            detail = f" {P.format_bytes(event.current or 0)}/{P.format_bytes(event.total)}"
+        prefix = f"{event.id}: " if event.id else ""
+        self.say(f"  {prefix}{event.text}{detail}")
+
+    def note(self, text: str) -> None:
+        self.say(f"  {text}")
+
+    def finish(self) -> None:
+        pass
+
+
+def _event(msg: dict[str, Any]) -> P.Event:
+    """Rebuild the library's event from one line of ``--progress json``."""
+    if "error" in msg:
+        return P.Event("", "", error=str(msg["error"]))
+    status = str(msg.get("status", ""))
+    lid = str(msg.get("id", ""))
+    detail = msg.get("progressDetail") or {}
+    for kind, prefix in ((P.RESUMING, "Resuming from "), (P.RETRYING, "Retrying in ")):
+        if status.startswith(prefix):
+            try:
+                return P.Event(lid, kind, value=int(status[len(prefix) :].split()[0]))
+            except (ValueError, IndexError):
+                break
+    return P.Event(lid, status, detail.get("current"), detail.get("total"))
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f}"
+
+
+def _printer() -> Say:
     def say(text: str) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
