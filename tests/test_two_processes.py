@@ -1,9 +1,9 @@
 """Two resumer processes on one root: the second waits for the first, then completes.
 
-The first ``resumer pull`` runs through a rate-limited proxy, so it holds the root for a
-while; the test starts the second once the first reports bytes, reads the second's
-"waiting for pid N" line on stderr, checks the first is still running then, and lets both
-finish. Both images must verify and the state database must be intact. Nothing sleeps.
+The first ``resumer pull`` runs through a rate-limited proxy; once it reports bytes the test
+stops it (SIGSTOP: it keeps its lock), starts the second, reads the second's "waiting for
+pid N" line on stderr, checks the library lock refuses too, continues the first (SIGCONT)
+and lets both finish. Both images must verify and the state database must be intact. Nothing sleeps.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,9 @@ async def test_second_process_waits_for_the_first_then_both_complete(
                     lines_a.append(msg)
                     if msg.get("status") == "Downloading":
                         break
+                # Held still (with its lock) until the second has said it waits: the
+                # first cannot finish first however slow the second is to start.
+                first.send_signal(signal.SIGSTOP)
                 reading_a = asyncio.create_task(_read_json(first.stdout, lines_a))
                 second = await start(ref_b)
                 assert second.stdout is not None and second.stderr is not None
@@ -102,6 +106,7 @@ async def test_second_process_waits_for_the_first_then_both_complete(
                 # Still running, and the second has not pulled anything meanwhile.
                 assert first.returncode is None
                 assert lines_b == []
+                first.send_signal(signal.SIGCONT)
 
                 assert await first.wait() == 0, (await first.stderr.read()).decode()
                 await reading_a
