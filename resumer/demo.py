@@ -294,27 +294,33 @@ async def _run_child(command: list[str], display: _Display, *, kill_after: int |
     result = RunResult()
     done: dict[str, int] = {}  # layer id → bytes it has, as the child reports them
     totals: dict[str, int] = {}
-    async for raw in proc.stdout:
-        try:
-            msg = json.loads(raw)
-        except ValueError:
-            continue
-        if "stats" in msg:
-            result.stats = msg["stats"]
-            continue
-        display.message(raw.decode().rstrip("\n"), msg)
-        lid, detail = msg.get("id"), msg.get("progressDetail") or {}
-        if lid and detail.get("current") is not None:
-            done[lid] = int(detail["current"])
-            totals[lid] = int(detail.get("total") or 0)
-        elif lid in totals and msg.get("status") == P.DOWNLOAD_COMPLETE:
-            done[lid] = totals[lid]
-        if kill_after is not None and sum(done.values()) >= kill_after:
-            result.killed_at = sum(done.values())
-            proc.send_signal(signal.SIGKILL)
-            break
+    try:
+        async for raw in proc.stdout:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if "stats" in msg:
+                result.stats = msg["stats"]
+                continue
+            display.message(raw.decode().rstrip("\n"), msg)
+            lid, detail = msg.get("id"), msg.get("progressDetail") or {}
+            if lid and detail.get("current") is not None:
+                done[lid] = int(detail["current"])
+                totals[lid] = int(detail.get("total") or 0)
+            elif lid in totals and msg.get("status") == P.DOWNLOAD_COMPLETE:
+                done[lid] = totals[lid]
+            if kill_after is not None and sum(done.values()) >= kill_after:
+                result.killed_at = sum(done.values())
+                proc.send_signal(signal.SIGKILL)
+                break
+    except BaseException:
+        # Interrupted (Ctrl-C, a closed stdout): leave no pull running behind us.
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     result.rc = await proc.wait()
-    display.finish()
     return result
 
 
@@ -360,9 +366,6 @@ class _Display:
 
     def note(self, text: str) -> None:
         self.say(f"  {text}")
-
-    def finish(self) -> None:
-        pass
 
 
 def _event(msg: dict[str, Any]) -> P.Event:
