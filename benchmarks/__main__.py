@@ -25,6 +25,7 @@ from collections.abc import Callable
 # name → module holding ``main(argv) -> int``. Order is the run order of ``python -m benchmarks``.
 BENCHMARKS: dict[str, str] = {
     "fetch": "benchmarks.fetch",
+    "pull": "benchmarks.pull",
 }
 
 

@@ -1,0 +1,257 @@
+"""Whole-image pull speed: resumer pull against skopeo copy, from the real registry on loopback.
+
+A 4-layer image of ~200 MiB of gzip blobs (compressible, source-code-like tar content from
+``resumer.lab.images``) is pushed into the CNCF registry (Debian ``docker-registry``) on
+127.0.0.1. Each round runs ``resumer pull … --progress none`` (fresh root) and
+``skopeo copy docker://… oci:…`` (fresh layout) once each, the order alternating per
+round; medians over the rounds.
+
+resumer does more than skopeo here: it decompresses every layer to check its diffID
+(skopeo's oci: destination copies blobs and checks only their digests), fdatasyncs its
+checkpoints and commits, and records every chunk in SQLite.
+
+Goal (issue 4): resumer's median wall time ≤ 0.8× skopeo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import common
+from .common import MiB, Run
+
+NAME = "pull"
+SEED = 4242
+GOAL_RATIO = 0.8  # resumer / skopeo wall time
+#: Uncompressed sizes of the four layers; gzip makes them ~2.9× smaller (~200 MiB in all).
+LAYER_SIZES = (240 * MiB, 160 * MiB, 120 * MiB, 60 * MiB)
+REPO, TAG = "bench/app", "v1"
+
+
+def _resumer_bin() -> list[str]:
+    exe = Path(sys.executable).parent / "resumer"
+    fallback = [sys.executable, "-c", "import sys; from resumer.cli import main; sys.exit(main())"]
+    return [str(exe)] if exe.exists() else fallback
+
+
+def build_layout(work: Path) -> tuple[Path, dict[str, Any]]:
+    """The image as an OCI layout, built once and reused while its recipe is unchanged."""
+    from resumer.lab.images import LayerSpec, build_image, write_oci_layout
+
+    recipe = {"seed": SEED, "layers": list(LAYER_SIZES), "compression": "gzip"}
+    layout, meta = work / "layout", work / "image.json"
+    if meta.exists() and json.loads(meta.read_text()).get("recipe") == recipe:
+        return layout, dict(json.loads(meta.read_text()))
+    shutil.rmtree(work / "build", ignore_errors=True)
+    shutil.rmtree(layout, ignore_errors=True)
+    print("building the image …", flush=True)
+    image = build_image(
+        work / "build",
+        [LayerSpec(size=s, files=max(8, s // (4 * MiB))) for s in LAYER_SIZES],
+        seed=SEED,
+    )
+    write_oci_layout(layout, image, TAG)
+    info = {
+        "recipe": recipe,
+        "manifest_digest": image.manifest_digest,
+        "layers": [
+            {"digest": x.digest, "size": x.size, "uncompressed": x.uncompressed_size}
+            for x in image.layers
+        ],
+        "compressed_bytes": image.total_layer_bytes(),
+        "uncompressed_bytes": sum(x.uncompressed_size for x in image.layers),
+    }
+    meta.write_text(json.dumps(info, indent=2))
+    return layout, info
+
+
+def _clear(scratch: Path) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    os.sync()
+
+
+def _variants(host: str, scratch: Path) -> dict[str, list[str]]:
+    ref = f"{host}/{REPO}:{TAG}"
+    return {
+        "resumer": [
+            *_resumer_bin(), "pull", ref, "--root", str(scratch / "root"), "--progress", "none",
+        ],
+        "skopeo": [
+            "skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "-q",
+            f"docker://{ref}", f"oci:{scratch / 'oci'}:{TAG}",
+        ],
+    }
+
+
+def _check(key: str, scratch: Path, manifest_digest: str) -> None:
+    """The output is a layout skopeo reads, naming the image's manifest."""
+    dest = scratch / ("root" if key == "resumer" else "oci")
+    out = subprocess.run(
+        ["skopeo", "--insecure-policy", "inspect", f"oci:{dest}:{TAG}"],
+        capture_output=True, text=True, check=False,
+    )
+    if out.returncode != 0:
+        raise common.RunError(f"{key}: skopeo cannot read its output: {out.stderr}")
+    digest = json.loads(out.stdout)["Digest"]
+    # skopeo's copy to oci: keeps the manifest as it is (no conversion is needed for OCI).
+    if digest != manifest_digest:
+        raise common.RunError(f"{key}: output names {digest}, not {manifest_digest}")
+
+
+def measure(rounds: int) -> dict[str, Any]:
+    servers = common.load_servers()
+    work = common.WORK / NAME
+    layout, info = build_layout(work)
+    shutil.rmtree(work / "registry", ignore_errors=True)
+    registry = servers.start_registry(work / "registry")
+    scratch = work / "scratch"
+    runs: dict[str, list[Run]] = {"resumer": [], "skopeo": []}
+    try:
+        servers.skopeo_copy(
+            f"oci:{layout}:{TAG}", f"docker://{registry.host}/{REPO}:{TAG}", "--preserve-digests"
+        )
+        for r in range(rounds):
+            order = ["resumer", "skopeo"] if r % 2 == 0 else ["skopeo", "resumer"]
+            for key in order:
+                _clear(scratch)
+                argv = _variants(registry.host, scratch)[key]
+                run = common.time_child(argv, cwd=scratch)
+                _check(key, scratch, info["manifest_digest"])
+                runs[key].append(run)
+                print(f"round {r + 1}/{rounds} {key:8s} {run.wall_s:7.3f} s "
+                      f"{run.maxrss_mib:6.1f} MiB", flush=True)
+        _clear(scratch)
+        version = subprocess.run(["skopeo", "--version"], capture_output=True, text=True,
+                                 check=False).stdout.strip()
+        reg_version = subprocess.run(["docker-registry", "--version"], capture_output=True,
+                                     text=True, check=False).stdout.strip()
+    finally:
+        registry.stop()
+    return {"host": registry.host, "image": info, "runs": runs, "skopeo": version,
+            "registry": reg_version}
+
+
+def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
+    runs: dict[str, list[Run]] = measured["runs"]
+    size = measured["image"]["compressed_bytes"]
+    med = {k: {
+        "wall_s": common.median([r.wall_s for r in rs]),
+        "maxrss_mib": common.median([r.maxrss_mib for r in rs]),
+        "user_s": common.median([r.user_s for r in rs]),
+        "sys_s": common.median([r.sys_s for r in rs]),
+        "mb_per_s": size / 1e6 / common.median([r.wall_s for r in rs]),
+    } for k, rs in runs.items()}
+    ratio = med["resumer"]["wall_s"] / med["skopeo"]["wall_s"]
+    return {
+        "benchmark": NAME,
+        "date": common.now_utc(),
+        "machine": common.machine(),
+        "versions": {**common.peer_versions(), "skopeo": measured["skopeo"],
+                     "docker-registry": measured["registry"]},
+        "image": measured["image"],
+        "server": f"docker-registry serve, filesystem storage, on {measured['host']}",
+        "rounds": rounds,
+        "method": ("each round runs both once, order alternating; fresh root / layout every "
+                   "run, deleted and os.sync() between runs; page cache not dropped; wall "
+                   "time from spawn to reap; peak RSS and CPU from GNU time; every output "
+                   "read back by skopeo inspect (outside the timed span)"),
+        "argv": _variants("HOST", Path("DIR")),
+        "medians": med,
+        "ratio": ratio,
+        "goal": {"goal": f"≤ {GOAL_RATIO}× skopeo", "value": ratio, "met": ratio <= GOAL_RATIO},
+        "runs": runs,
+    }
+
+
+def render(data: dict[str, Any], profile: str | None) -> str:
+    m, med, img = data["machine"], data["medians"], data["image"]
+    rows = []
+    for key in ("resumer", "skopeo"):
+        d = med[key]
+        walls = [r.wall_s for r in data["runs"][key]]
+        rows.append([key, f"{d['wall_s']:.3f}", f"{min(walls):.2f}–{max(walls):.2f}",
+                     f"{d['mb_per_s']:.0f}", f"{d['wall_s'] / med['skopeo']['wall_s']:.3f}×",
+                     f"{d['maxrss_mib']:.1f}", f"{d['user_s']:.2f}", f"{d['sys_s']:.2f}"])
+    per_run = [[k, ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][k])]
+               for k in ("resumer", "skopeo")]
+    goal = data["goal"]
+    ver = data["versions"]
+    layers = ", ".join(f"{x['size'] / MiB:.1f} MiB" for x in img["layers"])
+    out = [
+        "# Whole-image pull (`python -m benchmarks pull`)\n",
+        f"Measured {data['date']}; {data['rounds']} rounds. Image: 4 gzip layers "
+        f"({layers}; {img['compressed_bytes'] / MiB:.1f} MiB compressed, "
+        f"{img['uncompressed_bytes'] / MiB:.0f} MiB uncompressed, source-code-like text "
+        f"from `resumer.lab.images`, seed {SEED}), served by {data['server']}.\n",
+        f"- **Machine:** {m['nproc']} CPUs, {m['cpu']}, {m['memory_gib']} GiB RAM, "
+        f"Linux {m['kernel']}, Python {m['python']}.",
+        f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}), "
+        f"aiohttp {ver['aiohttp']}; {ver['skopeo']}; {ver['docker-registry']}.",
+        f"- **Method:** {data['method']}.",
+        "- **Work done:** resumer verifies each blob's sha256, decompresses every layer to "
+        "verify its diffID, fdatasyncs checkpoints (≤ 4 MiB) and commits, and records "
+        "chunks in SQLite; skopeo's `oci:` destination verifies blob digests only.\n",
+        "## Medians\n",
+        common.markdown_table(
+            ["tool", "median wall (s)", "min–max (s)", "MB/s (compressed)", "÷ skopeo",
+             "median peak RSS (MiB)", "median user CPU (s)", "median sys CPU (s)"], rows),
+        "## Goal (issue 4)\n",
+        common.markdown_table(["goal", "measured", "result"],
+                              [[goal["goal"], f"{goal['value']:.3f}×",
+                                "met" if goal["met"] else "**missed**"]]),
+        "## Every run\n",
+        common.markdown_table(["tool", "wall (s), in round order"], per_run),
+        "![median wall time and peak RSS](pull.png)\n",
+    ]
+    if profile:
+        out += ["## Where resumer's time goes\n", profile.strip() + "\n"]
+    return "\n".join(out)
+
+
+def plot(data: dict[str, Any]) -> Path:
+    keys = ["resumer", "skopeo"]
+    med, runs = data["medians"], data["runs"]
+    goal = GOAL_RATIO * med["skopeo"]["wall_s"]
+    return common.plot_bars(
+        common.RESULTS / f"{NAME}.png",
+        f"{data['image']['compressed_bytes'] / MiB:.0f} MiB image from the registry on "
+        f"loopback, median of {data['rounds']} ({data['date'][:10]})",
+        keys,
+        [
+            ("wall time (s)", [med[k]["wall_s"] for k in keys],
+             [[r.wall_s for r in runs[k]] for k in keys], goal),
+            ("peak RSS (MiB)", [med[k]["maxrss_mib"] for k in keys],
+             [[r.maxrss_mib for r in runs[k]] for k in keys], None),
+        ],
+    )
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks pull", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="rounds (default 5; the goal needs ≥ 5)")
+    p.add_argument("--no-write", action="store_true",
+                   help="print only; leave benchmarks/results/ alone")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be ≥ 1")
+    data = summarise(args.rounds, measure(args.rounds))
+    # A hand-written profile note (results/pull.profile.md) survives re-runs.
+    note = common.RESULTS / f"{NAME}.profile.md"
+    text = render(data, note.read_text() if note.exists() else None)
+    if args.no_write:
+        print(text)
+        return 0
+    md, js = common.write_results(NAME, text, data)
+    png = plot(data)
+    print(text)
+    print(f"wrote {md}, {js}, {png}")
+    return 0
