@@ -188,12 +188,13 @@ async def run_demo(work: Path, opts: DemoOptions) -> int:
     verified, problem = await asyncio.to_thread(verify_layout, root, image)
     elapsed = time.monotonic() - started
 
+    kills = sum(r.killed_at is not None for r in runs)
     rows: list[tuple[str, str]] = [
         ("image", f"{len(image.layers)} layers + config + manifest: {total:,} B"),
         (
             "resumer on the wire",
             f"{wire:,} B = {wire / total:.3f}x the image\n"
-            f"{len(runs)} runs, {cuts} connection resets, 1 SIGKILL",
+            f"{_n(len(runs), 'run')}, {_n(cuts, 'connection reset')}, {_n(kills, 'SIGKILL')}",
         ),
     ]
     for i, r in enumerate(runs):
@@ -382,6 +383,10 @@ def _event(msg: dict[str, Any]) -> P.Event:
             except (ValueError, IndexError):
                 break
     return P.Event(lid, status, detail.get("current"), detail.get("total"))
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _mib(n: int) -> str:
