@@ -1,45 +1,66 @@
-"""``resumer status``: what is unfinished, how far it got, and what it cost."""
+"""``resumer status``: what is unfinished, how far it got, and what it cost.
+
+It reads without taking the root lock, so it works while another process pulls. It says
+which process holds the root (from ``/proc/locks``, without touching the lock), and tells
+an attempt in progress from one that a dead process left open.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .errors import StoreError
 from .progress import format_bytes
-from .store import Store, TransferState
+from .store import AttemptRow, Store, TransferRow, TransferState
+
+#: what ``last_error`` says of an attempt left open by a process that died (SIGKILL, crash)
+INTERRUPTED = "interrupted: the process ended mid-attempt (killed or crashed)"
+
+
+def lock_holder(root: Path) -> int | None:
+    """The pid holding the flock on ``ROOT/lock``, read from /proc/locks; None if free
+    (or unknown: no /proc). Looking does not take the lock, so it never makes a
+    starting pull wait."""
+    try:
+        st = (root / "lock").stat()
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2e:56789 0 EOF"; "->" marks a blocked waiter
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        with contextlib.suppress(ValueError):
+            major, minor, inode = parts[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == want:
+                return int(parts[4])
+    return None
 
 
 async def collect(root: Path, config: Config) -> dict[str, Any]:
     """Read-only view of the root: it does not take the root lock, so it works mid-pull."""
     db = root / "state.db"
+    holder = lock_holder(root)
+    report: dict[str, Any] = {"root": str(root), "in_use_by": holder, "transfers": [], "pulls": []}
     if not db.exists():
-        return {"root": str(root), "transfers": [], "pulls": []}
+        return report
     store = await Store.open(db)
     try:
-        transfers = []
+        by_key: dict[str, dict[str, Any]] = {}
         for t in await store.transfers([TransferState.PARTIAL, TransferState.FAILED]):
-            attempts = await store.attempts(t.key)
-            last_run = attempts[-1].run_id if attempts else None
-            run = [a for a in attempts if a.run_id == last_run and a.attempt_no > 0]
-            transfers.append(
-                {
-                    "key": t.key,
-                    "source": t.source,
-                    "offset": t.offset,
-                    "size": t.size,
-                    "state": str(t.state),
-                    "attempts_last_run": len(run),
-                    "wire_bytes": sum(a.wire_bytes for a in attempts),
-                    "wasted_bytes": sum(a.discarded_bytes for a in attempts),
-                    "last_error": t.last_error,
-                }
-            )
-        pulls = []
+            entry = await _transfer(store, t, running=holder is not None)
+            by_key[t.key] = entry
+            report["transfers"].append(entry)
         try:
             rows = await store.read(
-                "SELECT id, reference, state, last_error FROM pulls WHERE state != 'done'"
+                "SELECT id, reference, dest, state, last_error FROM pulls WHERE state != 'done'"
                 " ORDER BY id"
             )
         except StoreError:
@@ -50,22 +71,72 @@ async def collect(root: Path, config: Config) -> dict[str, Any]:
                 " ORDER BY position",
                 (r["id"],),
             )
-            pulls.append(
+            out_layers = []
+            for layer in layers:
+                item = dict(layer)
+                partial = by_key.get(layer["digest"])
+                item["offset"] = partial["offset"] if partial else None
+                item["recorded"] = partial["recorded"] if partial else None
+                out_layers.append(item)
+            report["pulls"].append(
                 {
                     "id": r["id"],
                     "reference": r["reference"],
+                    "dest": r["dest"],
                     "state": r["state"],
                     "last_error": r["last_error"],
-                    "layers": [dict(layer) for layer in layers],
+                    "layers": out_layers,
                 }
             )
-        return {"root": str(root), "transfers": transfers, "pulls": pulls}
+        return report
     finally:
         await store.close()
 
 
+async def _transfer(store: Store, t: TransferRow, *, running: bool) -> dict[str, Any]:
+    attempts = await store.attempts(t.key)
+    last_run = attempts[-1].run_id if attempts else None
+    run = [a for a in attempts if a.run_id == last_run and a.attempt_no > 0]
+    recorded = sum(length or t.chunk_size for _, length in await store.chunk_hashes(t.key))
+    if t.size is not None:
+        recorded = min(recorded, t.size)
+    return {
+        "key": t.key,
+        "source": t.source,
+        "size": t.size,
+        # offset: durable (fdatasync'd); recorded: chunk hashes on record, which the next
+        # run verifies and keeps (after a process crash, all of it)
+        "offset": t.offset,
+        "recorded": max(recorded, t.offset),
+        "state": str(t.state),
+        "attempts_last_run": len(run),
+        "attempts_total": sum(1 for a in attempts if a.attempt_no > 0),
+        "wire_bytes": sum(a.wire_bytes for a in attempts),
+        "wasted_bytes": sum(a.discarded_bytes for a in attempts),
+        "last_error": _last_error(t, run, running=running),
+    }
+
+
+def _last_error(t: TransferRow, run: list[AttemptRow], *, running: bool) -> str | None:
+    """The newest of: an attempt left open by a dead process, an attempt's error, and the
+    error the transfer ended with."""
+    last = run[-1] if run else None
+    if last is not None and last.ended is None:
+        if running:
+            return None  # in progress in the process that holds the root
+        return INTERRUPTED
+    errors = [a.error for a in run if a.error]
+    if t.last_error == "cancelled":
+        return "cancelled" + (f" after: {errors[-1]}" if errors else "")
+    if t.last_error:
+        return t.last_error  # how the transfer ended (budget exhausted names the cause)
+    return errors[-1] if errors else None
+
+
 def render_text(report: dict[str, Any]) -> str:
     lines = [f"root: {report['root']}"]
+    if report.get("in_use_by") is not None:
+        lines.append(f"in use by pid {report['in_use_by']} (a pull or resume is running)")
     if not report["transfers"] and not report["pulls"]:
         lines.append("nothing unfinished")
     for p in report["pulls"]:
@@ -74,13 +145,19 @@ def render_text(report: dict[str, Any]) -> str:
             + (f" ({p['last_error']})" if p["last_error"] else "")
         )
         for layer in p["layers"]:
-            lines.append(f"  {layer['position']:>3} {layer['digest'][7:19]} {layer['state']}")
+            done = ""
+            if layer["recorded"] is not None:
+                done = f"  {format_bytes(layer['recorded'])}/{format_bytes(layer['size'])}"
+            lines.append(f"  {layer['position']:>3} {layer['digest'][7:19]} {layer['state']}{done}")
+    if report["transfers"]:
+        lines.append("partial transfers:")
     for t in report["transfers"]:
         size = format_bytes(t["size"]) if t["size"] is not None else "?"
         lines.append(
-            f"{t['key'][:19]}  {format_bytes(t['offset'])}/{size}  {t['state']}  "
-            f"attempts(last run) {t['attempts_last_run']}  wire {format_bytes(t['wire_bytes'])}"
-            f"  wasted {format_bytes(t['wasted_bytes'])}"
+            f"  {t['key'][:19]}  {format_bytes(t['recorded'])}/{size}"
+            f" (durable {format_bytes(t['offset'])})  {t['state']}"
+            f"  attempts(last run) {t['attempts_last_run']}"
+            f"  wire {format_bytes(t['wire_bytes'])}  wasted {format_bytes(t['wasted_bytes'])}"
             + (f"  last error: {t['last_error']}" if t["last_error"] else "")
         )
     return "\n".join(lines) + "\n"

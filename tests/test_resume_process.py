@@ -216,14 +216,22 @@ def kept_after_kill(root: Path, digest: str, size: int) -> int:
         row = c.execute("SELECT chunk_size FROM transfers WHERE key = ?", (digest,)).fetchone()
         if row is None:
             return 0
-        idx = [
-            r[0] for r in c.execute("SELECT idx FROM chunks WHERE key = ? ORDER BY idx", (digest,))
-        ]
-    contiguous = 0
-    while contiguous < len(idx) and idx[contiguous] == contiguous:
-        contiguous += 1
-    on_disk = (root / "ingest" / digest.replace(":", "-")).stat().st_size
-    return min(contiguous * int(row[0]), size, on_disk)
+        chunks = c.execute(
+            "SELECT idx, length FROM chunks WHERE key = ? ORDER BY idx", (digest,)
+        ).fetchall()
+    recorded = 0
+    for i, (idx, length) in enumerate(chunks):
+        if idx != i:
+            break
+        recorded += int(row[0]) if length is None else int(length)
+        if length is not None:
+            break  # a short chunk is the last one
+    return min(recorded, size, partial_on_disk(root, digest))
+
+
+def partial_on_disk(root: Path, digest: str) -> int:
+    path = root / "ingest" / digest.replace(":", "-")
+    return path.stat().st_size if path.exists() else 0
 
 
 def sha256_file(path: Path) -> str:
