@@ -411,10 +411,10 @@ class OfflineRegistry:
             headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = length
-        await resp.prepare(request)
-        if request.method == "HEAD":
-            return resp
         try:
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                return resp
             with _open_read(path) as f:
                 f.seek(start)
                 left = length
