@@ -125,7 +125,7 @@ def _last_error(t: TransferRow, run: list[AttemptRow], *, running: bool) -> str 
         if running:
             return None  # in progress in the process that holds the root
         return INTERRUPTED
-    errors = [a.error for a in run if a.error]
+    errors = [a.error for a in run if a.error and a.error != "cancelled"]
     if t.last_error == "cancelled":
         return "cancelled" + (f" after: {errors[-1]}" if errors else "")
     if t.last_error:

@@ -127,6 +127,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
     attempts = 0
     refreshed = False
     committed = False
+    open_attempt: tuple[int, int] | None = None  # (attempt id, start offset) until ended
     last_progress = [0.0]
 
     def on_bytes(offset: int) -> None:
@@ -153,6 +154,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 start_offset=start,
                 pull_id=pull_id,
             )
+            open_attempt = (attempt_id, start)
             out = await attempt(
                 ctx.session,
                 endpoint,
@@ -197,6 +199,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 http_status=out.status,
                 error=str(err) if err else None,
             )
+            open_attempt = None
             if committed:
                 size = path.stat().st_size
                 stats.payload_bytes += size
@@ -231,7 +234,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
     except BaseException as exc:
         if not committed:
             # Shielded: a second cancel must not interrupt the last checkpoint.
-            keep = asyncio.ensure_future(_keep_partial(store, partial, req.key, exc))
+            keep = asyncio.ensure_future(_keep_partial(store, partial, req.key, exc, open_attempt))
             await _wait_through_cancels(keep)
         raise
 
@@ -249,12 +252,37 @@ async def _wait_through_cancels(fut: asyncio.Future[None]) -> None:
         raise asyncio.CancelledError
 
 
-async def _keep_partial(store: Store, partial: Partial, key: str, exc: BaseException) -> None:
-    """Nothing lost on failure: checkpoint what we have, and say why we stopped."""
+async def _keep_partial(
+    store: Store,
+    partial: Partial,
+    key: str,
+    exc: BaseException,
+    open_attempt: tuple[int, int] | None,
+) -> None:
+    """Nothing lost on failure: checkpoint what we have, and say why we stopped.
+
+    An attempt interrupted mid-flight (cancelled) is ended too, so that only a process
+    that died leaves an attempt open. Its wire bytes are not known here: it records the
+    bytes it kept, a lower bound.
+    """
+    cancelled = isinstance(exc, asyncio.CancelledError)
     try:
         await partial.close()
     finally:
-        if isinstance(exc, asyncio.CancelledError):
+        if open_attempt is not None:
+            attempt_id, start = open_attempt
+            kept = max(0, partial.offset - start)
+            await store.end_attempt(
+                attempt_id,
+                end_offset=partial.offset,
+                wire_bytes=kept,
+                kept_bytes=kept,
+                discarded_bytes=0,
+                discard_reason=None,
+                http_status=None,
+                error="cancelled" if cancelled else str(exc),
+            )
+        if cancelled:
             await store.finish_transfer(key, TransferState.PARTIAL, error="cancelled")
         else:
             await store.finish_transfer(key, TransferState.FAILED, error=str(exc))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from badserver import BlobServer
+from badserver import BlobServer, stall
 
 from resumer import progress as P
 from resumer.clock import FakeClock
@@ -259,3 +259,28 @@ async def test_a_blob_in_the_store_takes_no_slot_and_is_not_started(
         assert tm.max_running == 1
         assert set(tm.started) == {_digest(server.blobs["a"])}
         assert [r.path for r in server.requests] == ["a"]  # c never hit the server
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+async def test_a_cancelled_attempt_is_ended_with_its_kept_bytes(tmp_path: Path) -> None:
+    """Only a dead process leaves an attempt open: ``resumer status`` relies on it."""
+    data = os.urandom(512 * KiB)
+    srv = BlobServer({"x": data}, script=[stall(after=128 * KiB)])
+    async with srv, Engine.open(tmp_path / "root", _config(), clock=FakeClock()) as engine:
+        seen = Recorder()
+        task = asyncio.create_task(engine.transfers.fetch(_req(srv, "x"), seen))
+        await seen.until(
+            lambda: any((e.current or 0) >= 128 * KiB for e in seen.events if e.current)
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [row] = await engine.store.attempts(_digest(data))
+        transfer = await engine.store.transfer(_digest(data))
+    assert row.ended is not None
+    assert row.error == "cancelled"
+    assert row.start_offset == 0 and row.end_offset == 128 * KiB
+    assert row.kept_bytes == row.wire_bytes == 128 * KiB
+    assert transfer is not None and transfer.last_error == "cancelled"
