@@ -109,22 +109,35 @@ class JsonRenderer:
 
 
 class PlainRenderer:
-    """One line per state change, for logs: progress lines only when the status changes."""
+    """One line per state change, for logs: progress lines only when the status changes.
+
+    Every "Resuming from N" is a line (each is a new attempt); a "Retrying in N seconds"
+    countdown is one line per retry, not one per tick.
+    """
 
     def __init__(self, out: Any) -> None:
         self.out = out
-        self._last: dict[str, str] = {}
+        self._last: dict[str, Event] = {}
+
+    def _changed(self, event: Event) -> bool:
+        last = self._last.get(event.id)
+        if last is None or last.status != event.status or event.status == RESUMING:
+            return True
+        # A countdown ticks down; a new retry starts a new, longer one.
+        return event.status == RETRYING and (event.value or 0) >= (last.value or 0)
 
     def __call__(self, event: Event) -> None:
         if event.error is not None:
             self.out.write(f"error: {event.error}\n")
-        elif self._last.get(event.id) != event.status or event.status in (RESUMING, RETRYING):
-            self._last[event.id] = event.status
+        elif self._changed(event):
+            self._last[event.id] = event
             prefix = f"{event.id}: " if event.id else ""
             detail = ""
             if event.status == DOWNLOADING and event.total:
                 detail = f" {format_bytes(event.current or 0)}/{format_bytes(event.total)}"
             self.out.write(f"{prefix}{event.text}{detail}\n")
+        elif event.status == RETRYING:
+            self._last[event.id] = event  # the tick, to tell the next countdown from it
         self.out.flush()
 
     def stats(self, stats: Stats) -> None:
@@ -133,25 +146,32 @@ class PlainRenderer:
 
 
 class TtyRenderer:
-    """Live per-layer lines redrawn in place, like docker pull."""
+    """Live per-layer lines redrawn in place, like docker pull.
 
-    def __init__(self, out: Any) -> None:
+    A line without a layer id (an error, "Digest: …", "Status: …") closes the block of
+    layer lines above it, which stays on screen as drawn; layer lines after it (the next
+    pull of a ``resume``) start a new block below.
+
+    Lines are cut to the terminal's width: a line that wrapped would take two rows and
+    the cursor-up of the next redraw would land in the wrong place.
+    """
+
+    def __init__(self, out: Any, width: int | None = None) -> None:
         self.out = out
+        self._width = width
         self._order: list[str] = []
         self._lines: dict[str, str] = {}
         self._drawn = 0
 
+    @property
+    def width(self) -> int:
+        return self._width if self._width is not None else _terminal_width(self.out)
+
     def __call__(self, event: Event) -> None:
-        if event.error is not None:
+        if event.error is not None or not event.id:
             self._redraw()
-            self.out.write(f"error: {event.error}\n")
-            self._drawn = 0
-            self.out.flush()
-            return
-        if not event.id:
-            self._redraw()
-            self.out.write(event.text + "\n")
-            self._drawn = 0
+            self.out.write((f"error: {event.error}" if event.error else event.text) + "\n")
+            self._order, self._lines, self._drawn = [], {}, 0
             self.out.flush()
             return
         if event.id not in self._lines:
@@ -162,14 +182,31 @@ class TtyRenderer:
     def _redraw(self) -> None:
         if self._drawn:
             self.out.write(f"\x1b[{self._drawn}A")
+        cut = max(1, self.width - 1)
         for lid in self._order:
-            self.out.write("\x1b[2K" + self._lines[lid] + "\n")
+            self.out.write("\x1b[2K" + self._lines[lid][:cut] + "\n")
         self._drawn = len(self._order)
         self.out.flush()
 
     def stats(self, stats: Stats) -> None:
         self.out.write(format_stats(stats) + "\n")
         self.out.flush()
+
+
+def _terminal_width(out: Any) -> int:
+    """$COLUMNS, else the terminal's width, else 80 (a new pty may say 0 columns)."""
+    import os
+
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(out.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+    return columns if columns > 0 else 80
 
 
 def _bar(event: Event) -> str:
