@@ -422,3 +422,68 @@ async def settle(proxy: FaultProxy) -> None:
     accepted = proxy.counters.connections - proxy.counters.refused
     async with asyncio.timeout(10):
         await proxy.wait_for(EventKind.CLOSE, count=accepted)
+
+
+# ---------------------------------------------------------------------- SIGTERM / SIGINT
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_interrupted_pull_exits_130_keeps_partials_and_the_next_run_resumes(
+    pushed_image: PushImage, tmp_path: Path, sig: int
+) -> None:
+    specs = [LayerSpec(size=3 * MiB, compression="gzip", compressible=False)] * 3
+    image = build_image(tmp_path / "build", specs, seed=61)
+    pushed = pushed_image(repo="lab/interrupt", tag="v1", image=image)
+    layers = image.layers
+    sizes = {layer_id(x.digest): x.size for x in layers}
+    total = sum(sizes.values())
+    root, env = tmp_path / "root", cli_env(tmp_path)
+
+    async with proxied(pushed, rate=6 * MiB) as proxy:
+        ref = reference_via(proxy, pushed)
+        args = ["pull", ref, "--root", str(root), "--progress", "json", "--chunk-size", str(CHUNK)]
+        progress = Progress(sizes)
+
+        def halfway(msg: dict[str, Any]) -> bool:
+            progress.feed(msg)
+            return progress.total >= total // 2 and len(progress.running) == len(layers)
+
+        first = await run_cli(args, env, kill_when=halfway, sig=sig)
+        await settle(proxy)
+        assert first.killed
+        assert first.returncode == 130, first.stderr
+        assert "interrupted; partial downloads are kept" in first.stderr
+        wire_first = proxy.counters.bytes_down
+
+        # Partials kept and checkpointed: each layer's recorded bytes, the transfer
+        # marked cancelled and its attempt ended, nothing in the content store.
+        kept = {x.digest: kept_after_kill(root, x.digest, x.size) for x in layers}
+        assert all(0 < kept[x.digest] < x.size for x in layers), kept
+        with contextlib.closing(
+            sqlite3.connect(f"file:{root / 'state.db'}?mode=ro", uri=True)
+        ) as c:
+            states = dict(c.execute("SELECT key, state || ' ' || last_error FROM transfers"))
+            open_attempts = c.execute("SELECT count(*) FROM attempts WHERE ended IS NULL")
+            assert open_attempts.fetchone()[0] == 0
+            [(pull_state,)] = c.execute("SELECT state FROM pulls").fetchall()
+        assert {x.digest: states[x.digest] for x in layers} == {
+            x.digest: "partial cancelled" for x in layers
+        }
+        assert pull_state == "failed"
+        for x in layers:
+            assert not (root / "blobs" / "sha256" / x.digest[7:]).exists()
+        # A graceful stop records everything it accepted: the loss is what was still
+        # in the socket buffers.
+        lost = wire_first - sum(kept.values())
+        assert lost <= MAX_CONCURRENT * NET_READS * NET_READ + METADATA_PER_RUN, lost
+
+        second = await run_cli(args, env)
+        await settle(proxy)
+        assert second.returncode == 0, second.stderr
+        resumed = second.resumed_from()
+        assert resumed == {layer_id(x.digest): kept[x.digest] for x in layers}
+        wire_second = proxy.counters.bytes_down - wire_first
+        assert wire_second <= total - sum(kept.values()) + METADATA_PER_RUN
+        assert second.stats["resumes"] == len(layers)
+        assert_image_complete(root, image, ref, "v1")
+        print(f"{signal.Signals(sig).name}: lost {lost} B (incl. metadata) on the interrupt")
