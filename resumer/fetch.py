@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -59,6 +61,29 @@ class Sink(Protocol):
     async def reset(self, validator: str | None = None) -> None: ...
 
     async def set_validator(self, validator: str | None, size: int | None) -> None: ...
+
+
+@runtime_checkable
+class DirectSink(Sink, Protocol):
+    """A sink that network reads can land in directly (no buffer allocated per read).
+
+    ``room()`` says whether a read may be taken now; if not, ``on_room`` calls back at
+    the next completion. ``recv_buffer`` gives where it lands, ``received`` accepts it.
+    """
+
+    async def begin_direct(self) -> None: ...
+
+    def recv_buffer(self, limit: int) -> memoryview: ...
+
+    def received(self, n: int) -> None: ...
+
+    def room(self) -> bool: ...
+
+    def on_room(self, callback: Callable[[], None]) -> None: ...
+
+
+#: RESUMER_DIRECT_BODY=0 reads bodies through aiohttp's StreamReader only (for comparison)
+_DIRECT_BODY = os.environ.get("RESUMER_DIRECT_BODY", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -301,6 +326,11 @@ async def _handle(
         if on_bytes is not None:
             on_bytes(wrote)
 
+    if _can_read_direct(resp, sink, skip, limit, wrote):
+        assert isinstance(sink, DirectSink)
+        await _read_direct(resp, sink, out, consume, watchdog, on_bytes, where)
+        return
+
     while True:
         try:
             # readchunk hands over one received buffer as is; readany would join them all.
@@ -320,6 +350,176 @@ async def _handle(
     if limit is not None and wrote < limit:
         raise ConnectionCutError(f"{where}: connection closed at byte {wrote} of {limit}")
     out.complete = True
+
+
+def _can_read_direct(
+    resp: aiohttp.ClientResponse, sink: Sink, skip: int, limit: int | None, wrote: int
+) -> bool:
+    """The plain case only: an identity body of known length that is all ours to keep.
+
+    Everything else (chunked, Range ignored, a length other than expected) reads through
+    aiohttp's StreamReader below, where each of those rules lives.
+    """
+    length = resp.content_length
+    conn = resp.connection
+    return (
+        _DIRECT_BODY
+        and isinstance(sink, DirectSink)
+        and skip == 0
+        and length is not None
+        and length > 0
+        and (limit is None or wrote + length == limit)
+        and "Transfer-Encoding" not in resp.headers
+        and conn is not None
+        and conn.transport is not None
+        and not conn.transport.is_closing()
+        and resp.content.exception() is None
+    )
+
+
+async def _read_direct(
+    resp: aiohttp.ClientResponse,
+    sink: DirectSink,
+    out: Outcome,
+    consume: Callable[[bytes], Awaitable[None]],
+    watchdog: _Watchdog,
+    on_bytes: _Progress | None,
+    where: str,
+) -> None:
+    """Read the rest of the body straight into the sink's slabs.
+
+    aiohttp has parsed the status line and headers (and owns every HTTP rule); what is
+    left of an identity body with a Content-Length is a byte count. Taking the transport
+    over with a BufferedProtocol skips, per network read, a fresh buffer, the parser's
+    copy into another, the StreamReader and a task wake-up.
+    """
+    conn = resp.connection
+    assert conn is not None and conn.transport is not None
+    transport = conn.transport
+    content = resp.content
+    length = resp.content_length
+    assert length is not None
+    # Synchronously, so no read can land in between: take what aiohttp already buffered
+    # (each read_nowait also lets its parser release bytes it held while paused), then
+    # switch the transport to our protocol, paused until those bytes are handed on.
+    early: list[bytes] = []
+    while piece := content.read_nowait():
+        early.append(piece)
+    body = _DirectBody(sink, conn.protocol, length - sum(map(len, early)), out, watchdog)
+    transport.pause_reading()
+    transport.set_protocol(body)
+    try:
+        for piece in early:
+            await consume(piece)
+        if body.remaining <= 0:
+            body.finish()
+        else:
+            await sink.begin_direct()
+            body.on_bytes = on_bytes
+            body.start(transport)
+        await body.done
+    except asyncio.CancelledError:
+        body.stop()
+        raise
+    if watchdog.stalled:
+        raise StallError(f"{where}: {watchdog.stalled}")
+    if body.error is not None:
+        raise body.error
+    if body.lost is not None or body.remaining > 0:
+        wrote = sink.offset
+        cause = _describe(body.lost) if body.lost is not None else "connection closed"
+        raise ConnectionCutError(f"{where}: {cause} at byte {wrote} ({body.remaining} short)")
+    out.complete = True
+
+
+class _DirectBody(asyncio.BufferedProtocol):
+    """Counts an identity body down to zero, landing each read in the sink."""
+
+    def __init__(
+        self,
+        sink: DirectSink,
+        aiohttp_protocol: asyncio.BaseProtocol | None,
+        remaining: int,
+        out: Outcome,
+        watchdog: _Watchdog,
+    ) -> None:
+        self.sink = sink
+        self.remaining = remaining
+        self.out = out
+        self.watchdog = watchdog
+        self.on_bytes: _Progress | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.error: BaseException | None = None
+        self.lost: BaseException | None = None
+        self.closed = False
+        self._aiohttp = aiohttp_protocol
+        self._transport: asyncio.Transport | None = None
+        self._paused = True
+
+    def start(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._resume()
+
+    def stop(self) -> None:
+        """No more reads (the attempt ends; the connection is closed by our caller)."""
+        self._pause()
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None and not self.closed:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.done.done() or self.closed or self._transport is None:
+            return
+        if not self.sink.room():
+            self.sink.on_room(self._resume)
+            return
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+
+    # asyncio.BufferedProtocol
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.sink.recv_buffer(self.remaining)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.remaining -= nbytes
+        out = self.out
+        out.wire_bytes += nbytes
+        out.kept_bytes += nbytes
+        self.watchdog.progress(nbytes)
+        try:
+            self.sink.received(nbytes)
+        except BaseException as exc:  # a write error: end the attempt with it
+            self.error = exc
+            self.stop()
+            return
+        if self.on_bytes is not None:
+            self.on_bytes(self.sink.offset)
+        if self.remaining <= 0:
+            self.stop()
+        elif not self.sink.room():
+            self._pause()
+            self.sink.on_room(self._resume)
+
+    def eof_received(self) -> bool | None:
+        self.finish()  # short if remaining > 0: our caller says so
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.lost = exc
+        self.finish()
+        # aiohttp's protocol still tracks this connection: let it see the close too.
+        if self._aiohttp is not None:
+            self._aiohttp.connection_lost(exc)
 
 
 def _salvage(content: aiohttp.StreamReader) -> list[bytes]:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,15 @@ _READ = 1 << 20
 _MAX_INFLIGHT = 2  # more reads faster but a kill loses what is queued
 #: how many checkpoint intervals the data may run ahead of the last fdatasync
 _MAX_SYNC_LAG = 4
+#: written batches whose chunk records may wait for SQLite: bounds a kill's loss if the
+#: recorder falls behind the writer
+_MAX_UNRECORDED = 4
+#: the most one network read may land at once (the unit a kill can lose, see make_session)
+_RECV_MAX = 256 * 1024
+#: receive slabs per partial: one filling, the rest being written and hashed
+_MAX_SLABS = _MAX_INFLIGHT + 2
+#: a slab is one batch (= one chunk), but never more than this
+_MAX_SLAB = 4 << 20
 #: (idx, xxh3, length or None for a whole chunk)
 _Chunk = tuple[int, int, int | None]
 #: chunks to record, and a durable offset to advance to (after fdatasync)
@@ -138,6 +148,19 @@ class Ingest:
         return partial, reopened
 
 
+class _Slab:
+    """A receive buffer reused across network reads (see Partial, "writing")."""
+
+    __slots__ = ("buf", "fill", "refs", "sent", "view")
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.fill = 0  # bytes received into it
+        self.sent = 0  # bytes of it handed to the worker threads
+        self.refs = 0  # handed-off jobs (write, hash) not yet finished
+
+
 class Partial:
     """An open partial blob. Writes are batched and handed to one worker thread."""
 
@@ -173,18 +196,28 @@ class Partial:
         self._written = 0  # bytes the worker thread has written
         self._pending: list[bytes] = []
         self._pending_len = 0
-        self._batch = chunk_size  # one hand-off per chunk: a crash costs at most a few
+        # one hand-off per chunk: a crash costs at most a few
+        self._batch = min(chunk_size, _MAX_SLAB)
         self._last_flush = 0.0
-        # Batches handed to the writer thread and not yet settled, oldest first. Several
-        # in flight keep the socket read while the thread hashes and writes.
+        self._sent = 0  # bytes handed to the worker threads
+        # Batches handed to the writer (and the hasher) and not yet done, oldest first.
+        # Several in flight keep the socket read while the threads write and hash.
         self._inflight: collections.deque[asyncio.Future[list[_Chunk]]] = collections.deque()
-        self._sync_task: asyncio.Task[None] | None = None
+        self._hashing: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._unrecorded = 0  # chunks written whose records have not reached SQLite
+        self._slab: _Slab | None = None
+        self._free_slabs: list[_Slab] = []
+        self._nslabs = 0
+        #: called once at the next completion (room for a read, a send, or an error)
+        self._waiters: list[Callable[[], None]] = []
+        self._sync_fut: asyncio.Future[None] | None = None
         self._synced_request = 0
         self._last_sync = 0.0
         self._records: asyncio.Queue[_Record | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-write")
+        self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-hash")
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-sync")
 
     # --- opening ---------------------------------------------------------------------
@@ -205,7 +238,7 @@ class Partial:
         if offset == 0:
             self.validator = None
         self._sha = sha
-        self.offset = self._written = self.durable = self.resumed_from = offset
+        self.offset = self._written = self._sent = self.durable = self.resumed_from = offset
         self._synced_request = offset
         self._next_chunk = offset // self.chunk_size
         self._chunk_fill = len(tail)
@@ -218,9 +251,28 @@ class Partial:
         return Reopened(offset, discarded, reason)
 
     # --- writing ---------------------------------------------------------------------
+    #
+    # Two ways in, one pipeline. ``write(bytes)`` gathers received pieces into a batch;
+    # the direct path (``recv_buffer``/``received``) lets the network read land straight in
+    # a reused slab, so a 1 GiB fetch allocates no buffer per read (each fresh ≥ 128 KiB
+    # ``bytes`` is an mmap and page faults) and copies nothing in Python. Either way a batch
+    # goes to two single-thread executors at once: the writer (writev + per-chunk xxh3,
+    # then chunk records) and the hasher (sha256, which releases the GIL, so the two
+    # overlap on two cores). One thread each keeps each stage in order. Completions arrive
+    # as done callbacks on the loop, which record chunks, start fdatasyncs and hand the
+    # next batch on: nothing on the receive path ever waits for the disk unless a bound
+    # below is reached.
+    #
+    # Bounds (a kill loses what is accepted but not recorded; a power cut what is not
+    # synced): ≤ _MAX_INFLIGHT batches in the writer, ≤ _MAX_UNRECORDED chunk records
+    # waiting for SQLite, ≤ _MAX_SYNC_LAG checkpoint intervals handed off past the durable
+    # offset, ≤ _MAX_SLABS slabs of memory.
 
     async def write(self, data: bytes) -> None:
-        """Append ``data``; it reaches the worker thread in batches of ≥ one chunk."""
+        """Append ``data``; it reaches the worker threads in batches of ≥ one chunk."""
+        slab = self._slab
+        if slab is not None and slab.sent < slab.fill:
+            await self._hand_off()  # bytes of a direct phase go first
         self._pending.append(data)
         self._pending_len += len(data)
         self.offset += len(data)
@@ -232,73 +284,199 @@ class Partial:
             await self._hand_off()
 
     async def _hand_off(self) -> None:
-        while len(self._inflight) >= _MAX_INFLIGHT:
-            await self._settle()
-        if not self._pending:
-            return
-        batch, self._pending, self._pending_len = self._pending, [], 0
-        self._last_flush = self._clock.monotonic()
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._writer_pool, self._write_batch, batch
-        )
-        # Record the batch's chunks the moment it is written, not at the next hand-off:
-        # what a crash costs is what is not yet recorded.
-        fut.add_done_callback(self._on_written)
-        self._inflight.append(fut)
+        slab = self._slab
+        if slab is not None and slab.sent < slab.fill:
+            await self._wait_until(self._can_send)
+            self._send_slab(slab)
+        if self._pending:
+            await self._wait_until(self._can_send)
+            batch, self._pending, self._pending_len = self._pending, [], 0
+            self._submit(batch, None)
 
-    def _on_written(self, fut: asyncio.Future[list[tuple[int, int, int | None]]]) -> None:
-        if fut.cancelled() or fut.exception() is not None or not self._cfg.checkpoints:
-            return
-        done = fut.result()
-        if done:
-            self._records.put_nowait((done, None))
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        loop = asyncio.get_running_loop()
+        while not ready():
+            self._raise_error()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(functools.partial(_wake, fut))
+            await fut
+        self._raise_error()
 
-    async def _settle(self) -> None:
-        """Wait for the oldest batch in the worker thread, then maybe start a sync."""
-        if not self._inflight:
-            return
-        fut = self._inflight[0]
-        try:
-            # Shielded: a cancelled attempt must not lose track of a batch being written.
-            await asyncio.shield(fut)
-            self._inflight.popleft()
-        except OSError as exc:
-            self._inflight.popleft()
-            raise StoreError(f"partial {self.path}: write failed: {exc}") from exc
+    def _raise_error(self) -> None:
         if self._record_error is not None:
             raise self._record_error
+
+    # direct path: network reads land in slabs -------------------------------------------
+
+    async def begin_direct(self) -> None:
+        """Hand off gathered pieces, so bytes received directly come after them."""
+        await self._hand_off()
+
+    def recv_buffer(self, limit: int) -> memoryview:
+        """Where the next network read of at most ``limit`` bytes lands (``room()`` first)."""
+        slab = self._slab
+        if slab is None or slab.fill == len(slab.buf):
+            slab = self._next_slab()
+        end = slab.fill + min(limit, _RECV_MAX, len(slab.buf) - slab.fill)
+        return slab.view[slab.fill : end]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes landed in the buffer ``recv_buffer`` gave; raises a write error."""
+        self._raise_error()
+        slab = self._slab
+        assert slab is not None
+        slab.fill += n
+        self.offset += n
+        if self.ingest.observer is not None:
+            self.ingest.observer(self.key, self.offset)
+        if (
+            slab.fill == len(slab.buf)
+            or self._clock.monotonic() - self._last_flush >= self._cfg.checkpoint_seconds / 2
+        ) and self._can_send():
+            self._send_slab(slab)
+
+    def room(self) -> bool:
+        """Whether another network read can be taken now (else wait for ``on_room``)."""
+        if self._record_error is not None:
+            return True  # let the reader call received() and meet the error
+        slab = self._slab
+        if slab is not None:
+            if slab.fill < len(slab.buf):
+                return True
+            if slab.sent < slab.fill:
+                return False  # the full slab waits for the writer; _pump hands it on
+            if slab.refs == 0:
+                return True
+        return bool(self._free_slabs) or self._nslabs < _MAX_SLABS
+
+    def on_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, at the next completion (it re-checks ``room()``)."""
+        self._waiters.append(callback)
+
+    def _next_slab(self) -> _Slab:
+        old = self._slab
+        if old is not None and old.refs == 0:
+            slab = old  # written and hashed already: reuse it while its pages are warm
+        elif self._free_slabs:
+            slab = self._free_slabs.pop()
+        else:
+            slab = _Slab(self._batch)
+            self._nslabs += 1
+        # An old slab still being written returns to the free list in _unref.
+        slab.fill = slab.sent = 0
+        self._slab = slab
+        return slab
+
+    def _send_slab(self, slab: _Slab) -> None:
+        region = slab.view[slab.sent : slab.fill]
+        slab.sent = slab.fill
+        self._submit([region], slab)
+
+    # the pipeline ---------------------------------------------------------------------
+
+    def _can_send(self) -> bool:
+        if len(self._inflight) >= _MAX_INFLIGHT or self._unrecorded >= _MAX_UNRECORDED:
+            return False
         if not self._cfg.checkpoints:
+            return True
+        # Bound what a power cut can cost: never run far ahead of the disk.
+        return self._sent - self.durable < _MAX_SYNC_LAG * self._cfg.checkpoint_bytes
+
+    def _submit(self, views: Sequence[bytes | memoryview], slab: _Slab | None) -> None:
+        loop = asyncio.get_running_loop()
+        n = sum(len(v) for v in views)
+        self._sent += n
+        self._last_flush = self._clock.monotonic()
+        wfut = loop.run_in_executor(self._writer_pool, self._write_batch, views, n)
+        hfut = loop.run_in_executor(self._hash_pool, _hash_views, self._sha, views)
+        if slab is not None:
+            slab.refs += 2
+        self._inflight.append(wfut)
+        self._hashing.append(hfut)
+        # Record the batch's chunks the moment it is written, not at the next hand-off:
+        # what a crash costs is what is not yet recorded.
+        wfut.add_done_callback(functools.partial(self._on_written, slab))
+        hfut.add_done_callback(functools.partial(self._on_hashed, slab))
+
+    def _on_written(self, slab: _Slab | None, fut: asyncio.Future[list[_Chunk]]) -> None:
+        self._inflight.remove(fut)
+        self._unref(slab)
+        if fut.cancelled():
             return
-        now = self._clock.monotonic()
+        exc = fut.exception()
+        if exc is not None:
+            self._fail(StoreError(f"partial {self.path}: write failed: {exc}"))
+        else:
+            done = fut.result()
+            if done and self._cfg.checkpoints:
+                self._unrecorded += len(done)
+                self._records.put_nowait((done, None))
+            self._maybe_sync()
+        self._pump()
+
+    def _on_hashed(self, slab: _Slab | None, fut: asyncio.Future[None]) -> None:
+        self._hashing.remove(fut)
+        self._unref(slab)
+        if not fut.cancelled() and fut.exception() is not None:
+            self._fail(StoreError(f"partial {self.path}: hashing failed: {fut.exception()}"))
+        self._pump()
+
+    def _unref(self, slab: _Slab | None) -> None:
+        if slab is None:
+            return
+        slab.refs -= 1
+        if slab.refs == 0 and slab is not self._slab:
+            self._free_slabs.append(slab)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._record_error is None:
+            self._record_error = exc
+
+    def _pump(self) -> None:
+        """After a completion: hand on a full slab that waited, wake whoever waits."""
+        slab = self._slab
+        if slab is not None and slab.sent < slab.fill == len(slab.buf) and self._can_send():
+            self._send_slab(slab)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for wake in waiters:
+                wake()
+
+    def _maybe_sync(self) -> None:
+        if not self._cfg.checkpoints or self._written <= self._synced_request:
+            return
+        if self._sync_fut is not None:
+            return  # one at a time; the next starts when it ends and covers everything
         due = (
             self._written - self._synced_request >= self._cfg.checkpoint_bytes
-            or now - self._last_sync >= self._cfg.checkpoint_seconds
+            or self._clock.monotonic() - self._last_sync >= self._cfg.checkpoint_seconds
         )
-        if due and self._written > self._synced_request:
-            if self._sync_task is not None and not self._sync_task.done():
-                # Bound what a power cut can cost: never run more than a few intervals
-                # ahead of the disk.
-                if self._written - self.durable < _MAX_SYNC_LAG * self._cfg.checkpoint_bytes:
-                    return
-                await asyncio.shield(self._sync_task)
+        if due:
             self._start_sync()
 
     def _start_sync(self) -> None:
+        # Everything counted in _written was written by a finished writev: this sync
+        # covers at least that much.
         upto = self._written
         self._synced_request = upto
         self._last_sync = self._clock.monotonic()
-        self._sync_task = asyncio.create_task(self._sync(upto))
+        fut = asyncio.get_running_loop().run_in_executor(self._sync_pool, os.fdatasync, self._fd)
+        fut.add_done_callback(functools.partial(self._on_synced, upto))
+        self._sync_fut = fut
 
-    async def _sync(self, upto: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._sync_pool, os.fdatasync, self._fd)
-        except OSError as exc:
-            self._record_error = StoreError(f"partial {self.path}: fdatasync failed: {exc}")
+    def _on_synced(self, upto: int, fut: asyncio.Future[None]) -> None:
+        self._sync_fut = None
+        if fut.cancelled():
             return
-        # Synced before counted as durable.
-        self.durable = max(self.durable, upto)
-        self._records.put_nowait(([], upto))
+        exc = fut.exception()
+        if exc is not None:
+            self._fail(StoreError(f"partial {self.path}: fdatasync failed: {exc}"))
+        else:
+            # Synced before counted as durable.
+            self.durable = max(self.durable, upto)
+            self._records.put_nowait(([], upto))
+            self._maybe_sync()
+        self._pump()
 
     async def _record_loop(self) -> None:
         while True:
@@ -317,40 +495,39 @@ class Partial:
             try:
                 await self._store.checkpoint(self.key, chunks, durable)
             except StoreError as exc:
-                self._record_error = exc
+                self._fail(exc)
+                self._pump()
                 return
+            self._unrecorded -= len(chunks)
+            self._pump()
 
-    def _write_batch(self, batch: list[bytes]) -> list[tuple[int, int, int | None]]:
-        """Worker thread: write, hash (sha256 and per-chunk xxh3), report finished chunks."""
+    def _write_batch(self, batch: Sequence[bytes | memoryview], total: int) -> list[_Chunk]:
+        """Writer thread: write, hash each chunk with xxh3, report finished chunks."""
         fd = self._fd
-        total = sum(len(b) for b in batch)
-        views = batch
+        views = list(batch)
         while views:
             n = os.writev(fd, views)
             if n == sum(len(v) for v in views):
                 break
             views = _advance(views, n)
-        sha, xxh, cs = self._sha, self._xxh, self.chunk_size
-        done: list[tuple[int, int, int | None]] = []
-        checkpoints = self._cfg.checkpoints
-        for piece in batch:
-            sha.update(piece)
-            if not checkpoints:
-                continue
-            mv = memoryview(piece)
-            while mv:
-                take = min(len(mv), cs - self._chunk_fill)
-                xxh.update(mv[:take])
-                self._chunk_fill += take
-                mv = mv[take:]
-                if self._chunk_fill == cs:
-                    done.append((self._next_chunk, to_signed(xxh.intdigest()), None))
-                    xxh.reset()
-                    self._next_chunk += 1
-                    self._chunk_fill = 0
+        xxh, cs = self._xxh, self.chunk_size
+        done: list[_Chunk] = []
+        if self._cfg.checkpoints:
+            for piece in batch:
+                mv = memoryview(piece)
+                while mv:
+                    take = min(len(mv), cs - self._chunk_fill)
+                    xxh.update(mv[:take])
+                    self._chunk_fill += take
+                    mv = mv[take:]
+                    if self._chunk_fill == cs:
+                        done.append((self._next_chunk, to_signed(xxh.intdigest()), None))
+                        xxh.reset()
+                        self._next_chunk += 1
+                        self._chunk_fill = 0
         self._written += total
         at_end = self.size is not None and self._written == self.size
-        if checkpoints and at_end and self._chunk_fill:
+        if self._cfg.checkpoints and at_end and self._chunk_fill:
             # The blob's last, short chunk: record it so a crash before commit keeps it.
             done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
             xxh.reset()
@@ -361,16 +538,17 @@ class Partial:
     async def flush(self, *, sync: bool = False) -> None:
         """Write out everything accepted; with ``sync``, checkpoint it durably too."""
         await self._hand_off()
-        while self._inflight:
-            await self._settle()
-        if self._sync_task is not None:
-            await asyncio.shield(self._sync_task)
+        while self._inflight or self._hashing:
+            # wait, not gather: a cancelled attempt must not cancel a batch being written
+            pending: list[asyncio.Future[Any]] = [*self._inflight, *self._hashing]
+            await asyncio.wait(pending)
+        while self._sync_fut is not None:
+            await asyncio.wait([self._sync_fut])
         if sync and self._cfg.checkpoints and self._written > self.durable:
             self._start_sync()
-            assert self._sync_task is not None
-            await asyncio.shield(self._sync_task)
-        if self._record_error is not None:
-            raise self._record_error
+            while self._sync_fut is not None:
+                await asyncio.wait([self._sync_fut])
+        self._raise_error()
 
     async def reset(self, validator: str | None = None) -> None:
         """Throw the partial away and start again from byte zero."""
@@ -381,7 +559,7 @@ class Partial:
         )
         self._sha = hashlib.sha256()
         self._xxh.reset()
-        self.offset = self._written = self.durable = self._synced_request = 0
+        self.offset = self._written = self._sent = self.durable = self._synced_request = 0
         self._next_chunk = self._chunk_fill = 0
         # From here the content starts at byte zero: a later mismatch is not a resume's.
         self.resumed_from = 0
@@ -412,6 +590,7 @@ class Partial:
                 if self._cfg.checkpoints and self._chunk_fill and self._written != self.size:
                     # A clean stop keeps every byte: record the unfinished chunk's prefix.
                     tail = (self._next_chunk, to_signed(self._xxh.intdigest()), self._chunk_fill)
+                    self._unrecorded += 1
                     self._records.put_nowait(([tail], None))
                 await self._drain_records()
         finally:
@@ -430,6 +609,7 @@ class Partial:
                 os.close(self._fd)
             self._fd = -1
         self._writer_pool.shutdown(wait=False)
+        self._hash_pool.shutdown(wait=False)
         self._sync_pool.shutdown(wait=False)
 
     # --- commit ----------------------------------------------------------------------
@@ -472,7 +652,18 @@ class Partial:
         self._resumed_in_run = True
 
 
-def _advance(views: list[bytes], n: int) -> list[bytes]:
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _hash_views(sha: Any, views: Sequence[bytes | memoryview]) -> None:
+    """Hasher thread: sha256 releases the GIL, so it runs beside the writer."""
+    for v in views:
+        sha.update(v)
+
+
+def _advance(views: list[Any], n: int) -> list[Any]:
     out: list[Any] = []
     for v in views:
         if n >= len(v):
