@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import json
 import logging
@@ -253,11 +252,11 @@ def _tune_process() -> None:
     - Everything imported so far lives as long as the process: gc.freeze() takes it out
       of every later collection.
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name and sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):
+        # The running process's own symbols include libc's (find_library would spawn
+        # ldconfig); a libc without mallopt (musl) is left as it is.
         try:
-            libc = ctypes.CDLL(libc_name)
-            mallopt = libc.mallopt
+            mallopt = ctypes.CDLL(None).mallopt
         except (OSError, AttributeError):
             pass
         else:
