@@ -26,6 +26,9 @@ from collections.abc import Callable
 BENCHMARKS: dict[str, str] = {
     "fetch": "benchmarks.fetch",
     "pull": "benchmarks.pull",
+    "cuts": "benchmarks.cuts",
+    "power": "benchmarks.power",
+    "links": "benchmarks.links",
 }
 
 

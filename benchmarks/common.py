@@ -265,3 +265,151 @@ def plot_bars(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- lossy-link helpers
+# Shared by cuts, power and links (added for issue 5; nothing above was changed).
+
+
+def resumer_bin() -> list[str]:
+    """The console script next to this interpreter (no PATH shims), else the entry point."""
+    exe = Path(sys.executable).parent / "resumer"
+    fallback = [sys.executable, "-c", "import sys; from resumer.cli import main; sys.exit(main())"]
+    return [str(exe)] if exe.exists() else fallback
+
+
+def more_versions() -> dict[str, str]:
+    """Peers that ``peer_versions`` does not name: skopeo, the registry, containerd."""
+    return {
+        "skopeo": _first_line(["skopeo", "--version"]),
+        "docker-registry": _first_line(["docker-registry", "--version"]),
+        "containerd": _first_line(["containerd", "--version"]),
+    }
+
+
+class ProxyProcess:
+    """``python -m resumer.lab.proxy`` as a child: one fresh proxy (and schedule) per run.
+
+    A fresh process per run is what makes "same seed per run index" mean the same cut
+    points for every tool: connection i of every run is cut at the same offset.
+    """
+
+    def __init__(self, target_port: int, seed: int, *, cut_after: tuple[int, int] | None = None,
+                 rate: float | None = None) -> None:
+        argv = [sys.executable, "-m", "resumer.lab.proxy", "--target", f"127.0.0.1:{target_port}",
+                "--seed", str(seed)]
+        if cut_after is not None:
+            argv += ["--cut-after", f"{cut_after[0]}:{cut_after[1]}"]
+        if rate is not None:
+            argv += ["--rate", str(rate)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()  # the proxy prints this once it listens
+        if not line.startswith("listening on 127.0.0.1:"):
+            self.proc.kill()
+            self.proc.wait()
+            raise RunError(f"proxy did not start: {line!r}")
+        self.port = int(line.rsplit(":", 1)[1])
+        self.counters: dict[str, int] = {}
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM, reap, and return the counters (bytes_down = bytes on the wire)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        for line in reversed(out.strip().splitlines()):
+            if line.startswith("{"):
+                self.counters = json.loads(line)
+                break
+        return self.counters
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """An image pushed to the local registry: what the pull benchmarks copy."""
+
+    repo: str
+    tag: str
+    manifest_digest: str
+    layers: list[tuple[str, int]]  # (digest, size), in manifest order
+    config_size: int
+    manifest_size: int
+
+    @property
+    def payload(self) -> int:
+        """Every byte a pull must fetch: layers, config and manifest."""
+        return sum(s for _, s in self.layers) + self.config_size + self.manifest_size
+
+    @property
+    def largest(self) -> tuple[str, int]:
+        return max(self.layers, key=lambda d_s: d_s[1])
+
+
+def push_bench_image(registry_url: str, work: Path, layer_mib: Sequence[int], seed: int,
+                     repo: str = "bench/img", tag: str = "v1") -> BenchImage:
+    """Build a seeded image of incompressible gzip layers and push it (skipped blobs exist)."""
+    import asyncio
+
+    from resumer.lab.images import LayerSpec, build_image, push_to_registry
+
+    specs = [LayerSpec(size=m * MiB, compression="gzip", compressible=False, files=2)
+             for m in layer_mib]
+    img = build_image(work / "image", specs, seed=seed)
+    asyncio.run(push_to_registry(registry_url, repo, tag, img))
+    return BenchImage(repo, tag, img.manifest_digest, [(x.digest, x.size) for x in img.layers],
+                      len(img.config), len(img.manifest))
+
+
+def oci_has_blobs(dest: Path, blobs: Sequence[tuple[str, int]]) -> bool:
+    """Whether an OCI layout holds every (digest, size) blob, at full size."""
+    for digest, size in blobs:
+        p = dest / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+    return (dest / "index.json").is_file()
+
+
+def json_stats(stdout: str) -> dict[str, int]:
+    """The ``{"stats": …}`` line that ``--progress json`` ends with, if any."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{") and '"stats"' in line:
+            try:
+                stats: dict[str, int] = json.loads(line)["stats"]
+                return stats
+            except (ValueError, KeyError):
+                break
+    return {}
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """One child run with a time limit."""
+
+    returncode: int | None  # None: killed at the limit
+    wall_s: float
+    stdout: str
+    stderr_tail: str
+
+
+def run_bounded(argv: Sequence[str], limit_s: float, *, cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> Bounded:
+    """Run ``argv`` in its own process group; SIGKILL the group at ``limit_s``; always reap."""
+    import signal as _signal
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=limit_s)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, _signal.SIGKILL)
+        out, err = proc.communicate()
+        code = None
+    return Bounded(code, time.perf_counter() - t0, out, err.strip()[-600:])

@@ -1,0 +1,320 @@
+"""Cut links: one image (and its largest layer blob) through the same seeded RST schedule.
+
+The real CNCF registry serves a seeded ~64 MiB image on 127.0.0.1; a fresh
+``python -m resumer.lab.proxy`` sits in front of it for every single run, seeded with
+``SEED + run index``, so run i of every tool meets the same cut points: connection k is
+reset after a number of bytes drawn uniformly from the schedule's span, and all
+connections share one token-bucket rate limit. The proxy's ``bytes_down`` is the wire.
+
+Tools, each with ~10 retries and a 1 s retry step where it can be set:
+
+- ``resumer pull`` (the image) and ``resumer fetch`` (the largest layer blob):
+  ``--max-download-attempts 11 --retry-delay 1`` (resumer's delay is linear: n × 1 s);
+- ``skopeo copy docker://… oci:…`` with ``--retry-times 5``: skopeo 1.9.3 retries the
+  whole copy with exponential back-off (1, 2, 4, 8, 16 s, not settable in this version),
+  so 10 retries would sleep 17 min; a retry keeps finished layers and restarts the rest;
+- ``curl --retry 10 --retry-all-errors --retry-delay 1`` (the blob) — the plain retry,
+  which throws the partial away and restarts from byte 0 (no ``-C -``);
+- ``aria2c --max-tries=11 --retry-wait=1 --checksum=sha-256=…`` (the blob) — it resumes
+  with Range inside one session, and verifies the digest like resumer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import common
+from .common import BenchImage, MiB
+
+NAME = "cuts"
+SEED = 20240605
+LAYERS_MIB = (4, 12, 48)  # ~64 MiB image; the 48 MiB layer is the blob for blob tools
+RATE = 60e6  # bytes/s: fast enough to be quick, slow enough that a cut is not instant
+LIMIT_S = 150.0  # per run; nothing here should take that long
+ATTEMPTS = 11  # resumer/aria2c tries = curl's 1 + 10 retries
+# name → (cut span in bytes, why). "harsh": no connection ever carries the 48 MiB layer;
+# "mild": ~29 % of fresh connections do, so a tool that restarts from zero can finish.
+SCHEDULES: dict[str, tuple[tuple[int, int], str]] = {
+    "harsh": ((2 * MiB, 16 * MiB), "every connection cut after U(2, 16) MiB"),
+    "mild": ((8 * MiB, 64 * MiB), "every connection cut after U(8, 64) MiB"),
+}
+
+
+@dataclass(frozen=True)
+class Ctx:
+    port: int
+    image: BenchImage
+    scratch: Path
+
+    @property
+    def ref(self) -> str:
+        return f"127.0.0.1:{self.port}/{self.image.repo}:{self.image.tag}"
+
+    @property
+    def blob_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v2/{self.image.repo}/blobs/{self.image.largest[0]}"
+
+
+@dataclass(frozen=True)
+class Tool:
+    key: str
+    label: str
+    level: str  # "image" or "blob": what payload means
+    argv: Callable[[Ctx], list[str]]
+
+
+def _resumer_pull(c: Ctx) -> list[str]:
+    return [*common.resumer_bin(), "pull", c.ref, "--root", str(c.scratch / "root"),
+            "--dest", str(c.scratch / "oci"), "--insecure-registry", f"127.0.0.1:{c.port}",
+            "--progress", "json", "--max-download-attempts", str(ATTEMPTS), "--retry-delay", "1"]
+
+
+def _skopeo(c: Ctx) -> list[str]:
+    return ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "5",
+            f"docker://{c.ref}", f"oci:{c.scratch / 'oci'}:{c.image.tag}"]
+
+
+def _resumer_fetch(c: Ctx) -> list[str]:
+    return [*common.resumer_bin(), "fetch", c.blob_url, "--digest", c.image.largest[0],
+            "-o", str(c.scratch / "out.bin"), "--root", str(c.scratch / "root"),
+            "--progress", "json", "--max-download-attempts", str(ATTEMPTS), "--retry-delay", "1"]
+
+
+def _curl(c: Ctx) -> list[str]:
+    return ["curl", "-sS", "-f", "--retry", str(ATTEMPTS - 1), "--retry-all-errors",
+            "--retry-delay", "1", "-o", str(c.scratch / "out.bin"), c.blob_url]
+
+
+def _aria2c(c: Ctx) -> list[str]:
+    hexd = c.image.largest[0].removeprefix("sha256:")
+    return ["aria2c", "-x1", "-s1", f"--max-tries={ATTEMPTS}", "--retry-wait=1",
+            f"--checksum=sha-256={hexd}", "--allow-overwrite=true",
+            "--auto-file-renaming=false", "--file-allocation=none", "--console-log-level=warn",
+            "--summary-interval=0", "-d", str(c.scratch), "-o", "out.bin", c.blob_url]
+
+
+TOOLS = [
+    Tool("resumer_pull", "resumer pull", "image", _resumer_pull),
+    Tool("skopeo", "skopeo copy --retry-times 5", "image", _skopeo),
+    Tool("resumer_fetch", "resumer fetch", "blob", _resumer_fetch),
+    Tool("curl", "curl --retry 10 (restarts)", "blob", _curl),
+    Tool("aria2c", "aria2c --max-tries 11", "blob", _aria2c),
+]
+
+
+def _completed(tool: Tool, ctx: Ctx, code: int | None) -> bool:
+    if code != 0:
+        return False
+    if tool.level == "image":
+        return common.oci_has_blobs(ctx.scratch / "oci", ctx.image.layers)
+    out = ctx.scratch / "out.bin"
+    return out.is_file() and common.file_sha256(out) == ctx.image.largest[0]
+
+
+def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
+    servers = common.load_servers()
+    work = common.WORK / NAME
+    registry = servers.start_registry(work / "registry")
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {t.key: [] for t in TOOLS}
+                                                        for s in schedules}
+    try:
+        image = common.push_bench_image(registry.url, work, LAYERS_MIB, SEED)
+        scratch = work / "scratch"
+        for sched in schedules:
+            span, _ = SCHEDULES[sched]
+            for r in range(rounds):
+                seed = SEED + r  # the same schedule for every tool in run r
+                order = TOOLS[r % len(TOOLS):] + TOOLS[:r % len(TOOLS)]
+                for tool in order:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    scratch.mkdir(parents=True)
+                    proxy = common.ProxyProcess(registry.port, seed, cut_after=span, rate=RATE)
+                    ctx = Ctx(proxy.port, image, scratch)
+                    try:
+                        res = common.run_bounded(tool.argv(ctx), LIMIT_S, cwd=scratch)
+                    finally:
+                        counters = proxy.stop()
+                    payload = image.payload if tool.level == "image" else image.largest[1]
+                    done = _completed(tool, ctx, res.returncode)
+                    row = {
+                        "seed": seed, "completed": done, "returncode": res.returncode,
+                        "wall_s": res.wall_s, "wire_bytes": counters.get("bytes_down", 0),
+                        "payload_bytes": payload,
+                        "wire_ratio": counters.get("bytes_down", 0) / payload,
+                        "connections": counters.get("connections", 0),
+                        "cuts": counters.get("cuts", 0),
+                        "tool_stats": common.json_stats(res.stdout),
+                        "stderr_tail": "" if done else res.stderr_tail,
+                    }
+                    runs[sched][tool.key].append(row)
+                    print(f"{sched} round {r + 1}/{rounds} {tool.key:14s} "
+                          f"{'ok  ' if done else 'FAIL'} {res.wall_s:6.1f} s "
+                          f"wire/payload {row['wire_ratio']:.3f} cuts {row['cuts']}", flush=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        registry.stop()
+    return {"image": image, "runs": runs}
+
+
+def _median_or_none(xs: list[float]) -> float | None:
+    return common.median(xs) if xs else None
+
+
+def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
+    image: BenchImage = measured["image"]
+    med: dict[str, dict[str, Any]] = {}
+    for sched, per_tool in measured["runs"].items():
+        med[sched] = {}
+        for key, rows in per_tool.items():
+            ok = [x for x in rows if x["completed"]]
+            med[sched][key] = {
+                "completed": len(ok), "runs": len(rows),
+                "wall_s": common.median([x["wall_s"] for x in rows]),
+                "wall_s_completed": _median_or_none([x["wall_s"] for x in ok]),
+                "wire_ratio": common.median([x["wire_ratio"] for x in rows]),
+                "wire_ratio_completed": _median_or_none([x["wire_ratio"] for x in ok]),
+                "cuts": common.median([x["cuts"] for x in rows]),
+            }
+    return {
+        "benchmark": NAME,
+        "date": common.now_utc(),
+        "machine": common.machine(),
+        "versions": {**common.peer_versions(), **common.more_versions()},
+        "seed": SEED,
+        "seeds_per_round": [SEED + r for r in range(rounds)],
+        "rounds": rounds,
+        "rate_bytes_per_s": RATE,
+        "schedules": {s: {"cut_after": SCHEDULES[s][0], "text": SCHEDULES[s][1]}
+                      for s in measured["runs"]},
+        "image": {"repo": image.repo, "tag": image.tag, "manifest": image.manifest_digest,
+                  "layers": image.layers, "payload_bytes": image.payload,
+                  "blob": image.largest, "layers_mib": LAYERS_MIB,
+                  "generator": "resumer.lab.images.build_image, incompressible gzip layers"},
+        "tools": {t.key: {"label": t.label, "level": t.level} for t in TOOLS},
+        "method": ("real CNCF registry on 127.0.0.1 behind a fresh resumer.lab.proxy per run "
+                   "(seed SEED+round, so run i of every tool meets the same cut points per "
+                   "connection in accept order), rate-limited; tools alternate, order rotated "
+                   "per round; fresh root/output every run; wire = proxy bytes_down "
+                   "(server→client bytes including HTTP headers); wall from spawn to exit, "
+                   f"capped at {LIMIT_S:.0f} s"),
+        "medians": med,
+        "runs": measured["runs"],
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def render(data: dict[str, Any]) -> str:
+    m, ver, img = data["machine"], data["versions"], data["image"]
+    out = [
+        "# Cut links (`python -m benchmarks cuts`)\n",
+        f"Measured {data['date']}; {data['rounds']} runs per tool and schedule; seeds "
+        f"{', '.join(str(s) for s in data['seeds_per_round'])} (run i uses seed {data['seed']}+i "
+        f"for every tool). Link: {data['rate_bytes_per_s'] / 1e6:.0f} MB/s shared token bucket.\n",
+        f"- **Image:** `{img['repo']}:{img['tag']}`, layers {img['layers_mib']} MiB of random "
+        f"bytes (gzip), {img['payload_bytes']} bytes with config and manifest. Blob tools fetch "
+        f"the largest layer, {img['blob'][1]} bytes (`{img['blob'][0][:19]}…`), from "
+        "`/v2/<repo>/blobs/<digest>` of the same registry.",
+        f"- **Machine:** {m['nproc']} CPUs, {m['cpu']}, {m['memory_gib']} GiB RAM, "
+        f"Linux {m['kernel']}, Python {m['python']}.",
+        f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
+        f"{ver['skopeo']}; {ver['curl'].split(' (')[0]}; {ver['aria2c']}; "
+        f"{ver['docker-registry']}.",
+        f"- **Method:** {data['method']}.",
+        "- **Retries:** resumer and aria2c 11 tries, 1 s step (resumer's back-off is linear, "
+        "n × 1 s; aria2c waits 1 s each time); curl 1 + 10 retries, 1 s, restarting from "
+        "byte 0 each time (no `-C -`); skopeo `--retry-times 5`, which re-runs the whole copy "
+        "with exponential back-off 1–16 s (keeps finished layers, restarts partial ones).\n",
+    ]
+    for sched, info in data["schedules"].items():
+        out.append(f"## {sched}: {info['text']}\n")
+        rows = []
+        for t in TOOLS:
+            d = data["medians"][sched][t.key]
+            rows.append([t.label, t.level, f"{d['completed']}/{d['runs']}",
+                         f"{d['wall_s']:.1f}", _fmt(d["wall_s_completed"], ".1f"),
+                         f"{d['wire_ratio']:.3f}", _fmt(d["wire_ratio_completed"], ".3f"),
+                         f"{d['cuts']:.0f}"])
+        out.append(common.markdown_table(
+            ["tool", "payload", "completed", "median wall (s), all runs",
+             "median wall (s), completed runs", "median wire / payload, all runs",
+             "median wire / payload, completed", "median cuts"], rows))
+        per = []
+        for t in TOOLS:
+            rs = data["runs"][sched][t.key]
+            per.append([t.label,
+                        ", ".join(f"{x['wall_s']:.1f}{'' if x['completed'] else '✗'}" for x in rs),
+                        ", ".join(f"{x['wire_ratio']:.2f}" for x in rs)])
+        out.append("Every run (✗ = did not complete):\n")
+        out.append(common.markdown_table(["tool", "wall (s)", "wire / payload"], per))
+        fails = [(t.label, x["returncode"], x["stderr_tail"].splitlines()[-1:])
+                 for t in TOOLS for x in data["runs"][sched][t.key]
+                 if not x["completed"] and x["stderr_tail"]]
+        if fails:
+            seen: set[str] = set()
+            out.append("Why runs failed (last stderr line, first of each kind):\n")
+            for label, code, last in fails:
+                line = last[0] if last else ""
+                if label in seen:
+                    continue
+                seen.add(label)
+                out.append(f"- {label} (exit {code}): `{line[:220]}`")
+            out.append("")
+    out.append("![completion, wall time and wire/payload per tool](cuts.png)\n")
+    return "\n".join(out)
+
+
+def plot(data: dict[str, Any]) -> Path:
+    labels, done, walls, wires, done_runs, wall_runs, wire_runs = [], [], [], [], [], [], []
+    for sched in data["schedules"]:
+        for t in TOOLS:
+            d, rs = data["medians"][sched][t.key], data["runs"][sched][t.key]
+            labels.append(f"{sched}: {t.label.split(' --')[0]}")
+            done.append(d["completed"] / d["runs"])
+            done_runs.append([float(x["completed"]) for x in rs])
+            walls.append(d["wall_s"])
+            wall_runs.append([x["wall_s"] for x in rs])
+            wires.append(d["wire_ratio"])
+            wire_runs.append([x["wire_ratio"] for x in rs])
+    return common.plot_bars(
+        common.RESULTS / f"{NAME}.png",
+        f"Cut links, seeded RST schedule, median of {data['rounds']} ({data['date'][:10]})",
+        labels,
+        [("completed (fraction of runs)", done, done_runs, None),
+         ("wall time (s), incl. failed runs", walls, wall_runs, None),
+         ("wire bytes / payload", wires, wire_runs, 1.0)],
+    )
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks cuts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="runs per tool and schedule (≥ 3)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), action="append",
+                   help="only this schedule (repeatable; default: all)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be ≥ 1")
+    for exe in ("docker-registry", "skopeo", "curl", "aria2c"):
+        if shutil.which(exe) is None:
+            print(f"cuts: {exe} is not on PATH", file=sys.stderr)
+            return 1
+    measured = measure(args.rounds, args.schedule or list(SCHEDULES))
+    data = summarise(args.rounds, measured)
+    text = render(data)
+    print(text)
+    if args.no_write:
+        return 0
+    md, js = common.write_results(NAME, text, data)
+    png = plot(data)
+    print(f"wrote {md}, {js}, {png}")
+    return 0
