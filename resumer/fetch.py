@@ -374,6 +374,9 @@ def _can_read_direct(
         and conn.transport is not None
         and not conn.transport.is_closing()
         and resp.content.exception() is None
+        # A body aiohttp already holds in full is complete in its eyes: it may have handed
+        # the connection back to its pool, which must never carry our protocol.
+        and resp.content.total_bytes < length
     )
 
 
@@ -402,10 +405,11 @@ async def _read_direct(
     # Synchronously, so no read can land in between: take what aiohttp already buffered
     # (each read_nowait also lets its parser release bytes it held while paused), then
     # switch the transport to our protocol, paused until those bytes are handed on.
+    protocol = conn.protocol
     early: list[bytes] = []
     while piece := content.read_nowait():
         early.append(piece)
-    body = _DirectBody(sink, conn.protocol, length - sum(map(len, early)), out, watchdog)
+    body = _DirectBody(sink, protocol, length - sum(map(len, early)), out, watchdog)
     transport.pause_reading()
     transport.set_protocol(body)
     try:
@@ -418,9 +422,12 @@ async def _read_direct(
             body.on_bytes = on_bytes
             body.start(transport)
         await body.done
-    except asyncio.CancelledError:
+    finally:
         body.stop()
-        raise
+        # Hand the connection back: aiohttp closes it when the response is closed, and
+        # its connector waits for its own protocol to see that close at shutdown.
+        if not body.closed and protocol is not None:
+            transport.set_protocol(protocol)
     if watchdog.stalled:
         raise StallError(f"{where}: {watchdog.stalled}")
     if body.error is not None:
