@@ -89,13 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _common(s, transfer=False)
 
-    for register in _EXTRA_COMMANDS.values():
-        register(sub)
+    _add_demo_parser(sub)
     return parser
 
 
-#: Other modules add subcommands here (pull, resume, demo) without cli importing cycles.
-_EXTRA_COMMANDS: dict[str, Callable[[Any], None]] = {}
+def _add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="offline demonstration on a local lossy link")
+    p.add_argument("--size-mib", type=int, default=48, help="image size (default 48)")
+    p.add_argument("--rate-mbps", type=float, default=200.0, help="link rate, Mbit/s")
+    p.add_argument("--seed", type=int, default=7, help="seed of the image and the cuts")
+    p.add_argument("--workdir", type=Path, help="keep files here instead of a temp dir")
+    p.add_argument("--progress", choices=["auto", "tty", "plain", "json", "none"])
+    p.add_argument(
+        "--kill-at", type=float, default=0.5, help="SIGKILL the pull at this fraction (0.5)"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip measuring the from-zero client")
+    p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+async def _demo(args: argparse.Namespace, config: Config) -> int:
+    # Imported here: the demo pulls in the lab (aiohttp's server side), which no other
+    # command needs at start-up.
+    from .demo import run
+
+    return await run(args, config)
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {}
 
 
@@ -198,7 +219,9 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-_HANDLERS.update({"fetch": _fetch, "pull": _pull, "resume": _resume, "status": _status})
+_HANDLERS.update(
+    {"fetch": _fetch, "pull": _pull, "resume": _resume, "status": _status, "demo": _demo}
+)
 
 
 def _say(message: str) -> None:
@@ -206,7 +229,6 @@ def _say(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_extra_commands()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -271,18 +293,6 @@ def _emit_error(config: Config, message: str) -> None:
         sys.stdout.write(json.dumps({"error": message, "errorDetail": {"message": message}}) + "\n")
         sys.stdout.flush()
     _say(message)
-
-
-def _load_extra_commands() -> None:
-    # Commands that live in their own modules register themselves on import.
-    import importlib
-
-    for mod in ("resumer.demo",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from . import progress as P
-from .cli import _EXTRA_COMMANDS, _HANDLERS, EXIT_FAILED, EXIT_OK
 from .config import Config
 from .lab.images import BuiltImage, LayerSpec, build_image, file_digest
 from .lab.proxy import FaultProxy, Faults
 from .lab.registry import FromZeroResult, OfflineRegistry, pull_from_zero
 
+EXIT_OK, EXIT_FAILED = 0, 1
 MiB = 1 << 20
 REPO, TAG = "demo/app", "1"
 #: Docker's default max-download-attempts: the baseline's budget per blob, and resumer's.
@@ -54,23 +54,8 @@ MAX_RUNS = 4
 Say = Callable[[str], None]
 
 
-def _register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="offline demonstration on a local lossy link")
-    p.add_argument("--size-mib", type=int, default=48, help="image size (default 48)")
-    p.add_argument("--rate-mbps", type=float, default=200.0, help="link rate, Mbit/s")
-    p.add_argument("--seed", type=int, default=7, help="seed of the image and the cuts")
-    p.add_argument("--workdir", type=Path, help="keep files here instead of a temp dir")
-    p.add_argument("--progress", choices=["auto", "tty", "plain", "json", "none"])
-    p.add_argument(
-        "--kill-at", type=float, default=0.5, help="SIGKILL the pull at this fraction (0.5)"
-    )
-    p.add_argument("--no-baseline", action="store_true", help="skip measuring the from-zero client")
-    p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true")
-
-
-async def _demo(args: argparse.Namespace, config: Config) -> int:
+async def run(args: argparse.Namespace, config: Config) -> int:
+    """``resumer demo``; the CLI parses its flags (see cli.py)."""
     progress = args.progress or "auto"
     if progress == "auto":
         progress = "tty" if sys.stdout.isatty() else "plain"
@@ -399,7 +384,3 @@ def _printer() -> Say:
         sys.stdout.flush()
 
     return say
-
-
-_EXTRA_COMMANDS["demo"] = _register
-_HANDLERS["demo"] = _demo

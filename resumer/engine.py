@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -28,13 +29,14 @@ from .gc import collect_partials
 from .ingest import Ingest
 from .layout import Layout, fsync_dir
 from .progress import Stats
-from .pull import PullOutcome, config_with, layout_for, pull_image
-from .pulls import Pulls
-from .registry import RegistryClient
 from .rootlock import RootLock
 from .source import UrlSource, redact_url
 from .store import Store
 from .transfer import BlobRequest, TransferContext, TransferManager
+
+if TYPE_CHECKING:  # the pull machinery loads on first use: `resumer fetch` starts faster
+    from .pull import PullOutcome
+    from .registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class Engine:
 
     def registry(self, config: Config | None = None) -> RegistryClient:
         """One client (token cache, host health) per set of mirror/insecure options."""
+        from .registry import RegistryClient
+
         config = config or self.config
         key = (config.registry_mirrors, config.insecure_registries)
         if key not in self._registries:
@@ -116,6 +120,8 @@ class Engine:
         on_progress: P.ProgressCallback = P.ignore,
     ) -> PullOutcome:
         """Pull an image into ``dest`` (an OCI layout; default: the root's own)."""
+        from .pull import layout_for, pull_image
+
         return await pull_image(
             reference,
             client=self.registry(),
@@ -130,6 +136,9 @@ class Engine:
 
     async def resume(self, on_progress: P.ProgressCallback = P.ignore) -> list[PullOutcome]:
         """Continue every unfinished pull, oldest first, with its stored options."""
+        from .pull import config_with, layout_for, pull_image
+        from .pulls import Pulls
+
         outcomes = []
         for stored in await Pulls(self.store).unfinished():
             config = config_with(self.config, stored.options)
