@@ -36,7 +36,8 @@ async def collect_partials(ingest: Ingest, budget: int) -> GcReport:
     store = ingest.store
     rows = {t.key: t for t in await store.transfers()}
     wanted = {
-        r[0] for r in await store.read(
+        r[0]
+        for r in await store.read(
             "SELECT DISTINCT l.digest FROM pull_layers l JOIN pulls p ON p.id = l.pull_id"
             " WHERE p.state != 'done'"
         )
