@@ -142,6 +142,7 @@ class _Run:
         self.current = 0  # the position registration is at
         self.cancelled: set[asyncio.Task[BlobResult]] = set()
         self.diff_ids: dict[str, str] = {}  # digest → diffID computed in this run
+        self.diff_errors: dict[str, RegistrationError] = {}  # digest → why it has none
 
     async def go(self) -> PullResult:
         ingest = self.transfers.ctx.ingest
@@ -209,6 +210,17 @@ class _Run:
             self.emit(Event(job.id, P.DOWNLOAD_COMPLETE))
         if self.pull_id is not None:
             await self.pulls.set_layer_state(self.pull_id, positions, LayerState.DOWNLOADED)
+        # Inflate now, beside the other downloads, not when registration reaches this
+        # layer: layers are independent, only recording their chains is ordered.
+        try:
+            self.diff_ids[job.digest] = await compute_diff_id(
+                result.path,
+                job.media_type,
+                max_uncompressed=self.config.max_uncompressed_bytes,
+                digest=job.digest,
+            )
+        except RegistrationError as exc:
+            self.diff_errors[job.digest] = exc  # raised when registration gets here
         return result
 
     def _on_done(self, task: asyncio.Task[BlobResult]) -> None:
@@ -256,17 +268,10 @@ class _Run:
             await asyncio.wait([task])
             if task.cancelled() or task.exception() is not None:
                 raise self._failure(i)
-            blob = task.result()
             self.emit(Event(job.id, P.EXTRACTING))
-            diff_id = self.diff_ids.get(job.digest)
-            if diff_id is None:  # a repeated digest is inflated once per run
-                diff_id = await compute_diff_id(
-                    blob.path,
-                    job.media_type,
-                    max_uncompressed=self.config.max_uncompressed_bytes,
-                    digest=job.digest,
-                )
-                self.diff_ids[job.digest] = diff_id
+            if job.digest in self.diff_errors:
+                raise self.diff_errors[job.digest]
+            diff_id = self.diff_ids[job.digest]  # a repeated digest is inflated once per run
             if diff_id != job.diff_id:
                 raise RegistrationError(
                     f"layer {i} {job.digest}: uncompressed content has diffID {diff_id}, "
