@@ -97,6 +97,7 @@ async def run_cli_async(*args: str, env: dict[str, str]) -> tuple[int, str, str]
     """The CLI as a child, without blocking this loop (the token server runs on it)."""
     proc = await asyncio.create_subprocess_exec(
         *resumer_cmd(*args),
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
@@ -202,7 +203,8 @@ class Front:
     seen: list[tuple[str, str, dict[str, str], int]] = field(default_factory=list)
     #: Authorization values that now get the registry's 401 challenge, as if expired
     revoked: set[str] = field(default_factory=set)
-    revoke_after_first_blob: bool = False
+    #: once this blob has been served, its token is revoked
+    revoke_after: str = ""
     challenge: str = ""
     url: str = ""
 
@@ -243,9 +245,10 @@ class Front:
             async for chunk in up.content.iter_chunked(64 * KiB):
                 await resp.write(chunk)
             await resp.write_eof()
-        if is_blob and up.status in (200, 206) and self.revoke_after_first_blob and auth:
+        served = up.status in (200, 206) and auth
+        if is_blob and served and self.revoke_after and request.path.endswith(self.revoke_after):
             self.revoked.add(auth)
-            self.revoke_after_first_blob = False
+            self.revoke_after = ""
         return resp
 
 
@@ -279,16 +282,19 @@ async def test_token_expiring_mid_pull_is_refreshed_once_without_costing_an_atte
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nothing"))
 
     async with aiohttp.ClientSession(auto_decompress=False) as session:
-        front = Front(registry.url, session, revoke_after_first_blob=True)
+        front = Front(registry.url, session, revoke_after=image.layers[0].digest)
         front.url = await serve(front.app())
         ref = f"{front.url.removeprefix('http://')}/lab/expiring:v1"
         # One download at a time, one attempt per layer: a 401 that cost an attempt would
         # exhaust the budget of the second layer and fail the pull.
-        config = Config(retry_delay=0, max_download_attempts=1, max_concurrent_downloads=1)
+        config = Config(
+            retry_delay=0, max_download_attempts=1, max_concurrent_downloads=1, stall_timeout=3
+        )
         async with Engine.open(tmp_path / "root", config) as engine:
             outcome = await engine.pull(ref, dest=tmp_path / "oci")
 
     statuses = [s for (_, p, _, s) in front.seen if "/blobs/sha256:" in p]
+    print(front.seen)
     assert statuses.count(401) == 1, front.seen
     assert len(ts.issued) == 2  # the first token, and the one refresh
     assert outcome.stats.attempts == len(image.layers)
