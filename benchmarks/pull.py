@@ -82,11 +82,22 @@ def _variants(host: str, scratch: Path) -> dict[str, list[str]]:
     ref = f"{host}/{REPO}:{TAG}"
     return {
         "resumer": [
-            *_resumer_bin(), "pull", ref, "--root", str(scratch / "root"), "--progress", "none",
+            *_resumer_bin(),
+            "pull",
+            ref,
+            "--root",
+            str(scratch / "root"),
+            "--progress",
+            "none",
         ],
         "skopeo": [
-            "skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "-q",
-            f"docker://{ref}", f"oci:{scratch / 'oci'}:{TAG}",
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            "-q",
+            f"docker://{ref}",
+            f"oci:{scratch / 'oci'}:{TAG}",
         ],
     }
 
@@ -96,7 +107,9 @@ def _check(key: str, scratch: Path, manifest_digest: str) -> None:
     dest = scratch / ("root" if key == "resumer" else "oci")
     out = subprocess.run(
         ["skopeo", "--insecure-policy", "inspect", f"oci:{dest}:{TAG}"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise common.RunError(f"{key}: skopeo cannot read its output: {out.stderr}")
@@ -126,43 +139,61 @@ def measure(rounds: int) -> dict[str, Any]:
                 run = common.time_child(argv, cwd=scratch)
                 _check(key, scratch, info["manifest_digest"])
                 runs[key].append(run)
-                print(f"round {r + 1}/{rounds} {key:8s} {run.wall_s:7.3f} s "
-                      f"{run.maxrss_mib:6.1f} MiB", flush=True)
+                print(
+                    f"round {r + 1}/{rounds} {key:8s} {run.wall_s:7.3f} s "
+                    f"{run.maxrss_mib:6.1f} MiB",
+                    flush=True,
+                )
         _clear(scratch)
-        version = subprocess.run(["skopeo", "--version"], capture_output=True, text=True,
-                                 check=False).stdout.strip()
-        reg_version = subprocess.run(["docker-registry", "--version"], capture_output=True,
-                                     text=True, check=False).stdout.strip()
+        version = subprocess.run(
+            ["skopeo", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        reg_version = subprocess.run(
+            ["docker-registry", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     finally:
         registry.stop()
-    return {"host": registry.host, "image": info, "runs": runs, "skopeo": version,
-            "registry": reg_version}
+    return {
+        "host": registry.host,
+        "image": info,
+        "runs": runs,
+        "skopeo": version,
+        "registry": reg_version,
+    }
 
 
 def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
     runs: dict[str, list[Run]] = measured["runs"]
     size = measured["image"]["compressed_bytes"]
-    med = {k: {
-        "wall_s": common.median([r.wall_s for r in rs]),
-        "maxrss_mib": common.median([r.maxrss_mib for r in rs]),
-        "user_s": common.median([r.user_s for r in rs]),
-        "sys_s": common.median([r.sys_s for r in rs]),
-        "mb_per_s": size / 1e6 / common.median([r.wall_s for r in rs]),
-    } for k, rs in runs.items()}
+    med = {
+        k: {
+            "wall_s": common.median([r.wall_s for r in rs]),
+            "maxrss_mib": common.median([r.maxrss_mib for r in rs]),
+            "user_s": common.median([r.user_s for r in rs]),
+            "sys_s": common.median([r.sys_s for r in rs]),
+            "mb_per_s": size / 1e6 / common.median([r.wall_s for r in rs]),
+        }
+        for k, rs in runs.items()
+    }
     ratio = med["resumer"]["wall_s"] / med["skopeo"]["wall_s"]
     return {
         "benchmark": NAME,
         "date": common.now_utc(),
         "machine": common.machine(),
-        "versions": {**common.peer_versions(), "skopeo": measured["skopeo"],
-                     "docker-registry": measured["registry"]},
+        "versions": {
+            **common.peer_versions(),
+            "skopeo": measured["skopeo"],
+            "docker-registry": measured["registry"],
+        },
         "image": measured["image"],
         "server": f"docker-registry serve, filesystem storage, on {measured['host']}",
         "rounds": rounds,
-        "method": ("each round runs both once, order alternating; fresh root / layout every "
-                   "run, deleted and os.sync() between runs; page cache not dropped; wall "
-                   "time from spawn to reap; peak RSS and CPU from GNU time; every output "
-                   "read back by skopeo inspect (outside the timed span)"),
+        "method": (
+            "each round runs both once, order alternating; fresh root / layout every "
+            "run, deleted and os.sync() between runs; page cache not dropped; wall "
+            "time from spawn to reap; peak RSS and CPU from GNU time; every output "
+            "read back by skopeo inspect (outside the timed span)"
+        ),
         "argv": _variants("HOST", Path("DIR")),
         "medians": med,
         "ratio": ratio,
@@ -177,11 +208,21 @@ def render(data: dict[str, Any], profile: str | None) -> str:
     for key in ("resumer", "skopeo"):
         d = med[key]
         walls = [r.wall_s for r in data["runs"][key]]
-        rows.append([key, f"{d['wall_s']:.3f}", f"{min(walls):.2f}–{max(walls):.2f}",
-                     f"{d['mb_per_s']:.0f}", f"{d['wall_s'] / med['skopeo']['wall_s']:.3f}×",
-                     f"{d['maxrss_mib']:.1f}", f"{d['user_s']:.2f}", f"{d['sys_s']:.2f}"])
-    per_run = [[k, ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][k])]
-               for k in ("resumer", "skopeo")]
+        rows.append(
+            [
+                key,
+                f"{d['wall_s']:.3f}",
+                f"{min(walls):.2f}–{max(walls):.2f}",
+                f"{d['mb_per_s']:.0f}",
+                f"{d['wall_s'] / med['skopeo']['wall_s']:.3f}×",
+                f"{d['maxrss_mib']:.1f}",
+                f"{d['user_s']:.2f}",
+                f"{d['sys_s']:.2f}",
+            ]
+        )
+    per_run = [
+        [k, ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][k])] for k in ("resumer", "skopeo")
+    ]
     goal = data["goal"]
     ver = data["versions"]
     layers = ", ".join(f"{x['size'] / MiB:.1f} MiB" for x in img["layers"])
@@ -201,12 +242,23 @@ def render(data: dict[str, Any], profile: str | None) -> str:
         "chunks in SQLite; skopeo's `oci:` destination verifies blob digests only.\n",
         "## Medians\n",
         common.markdown_table(
-            ["tool", "median wall (s)", "min–max (s)", "MB/s (compressed)", "÷ skopeo",
-             "median peak RSS (MiB)", "median user CPU (s)", "median sys CPU (s)"], rows),
+            [
+                "tool",
+                "median wall (s)",
+                "min–max (s)",
+                "MB/s (compressed)",
+                "÷ skopeo",
+                "median peak RSS (MiB)",
+                "median user CPU (s)",
+                "median sys CPU (s)",
+            ],
+            rows,
+        ),
         "## Goal (issue 4)\n",
-        common.markdown_table(["goal", "measured", "result"],
-                              [[goal["goal"], f"{goal['value']:.3f}×",
-                                "met" if goal["met"] else "**missed**"]]),
+        common.markdown_table(
+            ["goal", "measured", "result"],
+            [[goal["goal"], f"{goal['value']:.3f}×", "met" if goal["met"] else "**missed**"]],
+        ),
         "## Every run\n",
         common.markdown_table(["tool", "wall (s), in round order"], per_run),
         "![median wall time and peak RSS](pull.png)\n",
@@ -226,20 +278,32 @@ def plot(data: dict[str, Any]) -> Path:
         f"loopback, median of {data['rounds']} ({data['date'][:10]})",
         keys,
         [
-            ("wall time (s)", [med[k]["wall_s"] for k in keys],
-             [[r.wall_s for r in runs[k]] for k in keys], goal),
-            ("peak RSS (MiB)", [med[k]["maxrss_mib"] for k in keys],
-             [[r.maxrss_mib for r in runs[k]] for k in keys], None),
+            (
+                "wall time (s)",
+                [med[k]["wall_s"] for k in keys],
+                [[r.wall_s for r in runs[k]] for k in keys],
+                goal,
+            ),
+            (
+                "peak RSS (MiB)",
+                [med[k]["maxrss_mib"] for k in keys],
+                [[r.maxrss_mib for r in runs[k]] for k in keys],
+                None,
+            ),
         ],
     )
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks pull", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks pull",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rounds", type=int, default=5, help="rounds (default 5; the goal needs ≥ 5)")
-    p.add_argument("--no-write", action="store_true",
-                   help="print only; leave benchmarks/results/ alone")
+    p.add_argument(
+        "--no-write", action="store_true", help="print only; leave benchmarks/results/ alone"
+    )
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be ≥ 1")
