@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, str] = {
     "cuts": "benchmarks.cuts",
     "power": "benchmarks.power",
     "links": "benchmarks.links",
+    # last: gathers the reports above into results/SUMMARY.md
+    "summary": "benchmarks.summary",
 }
 
 
