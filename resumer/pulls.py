@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .store import Store
+from .store import Store, from_row
 
 
 class PullState(enum.StrEnum):
@@ -181,17 +181,7 @@ class Pulls:
         rows = await self.store.read(
             "SELECT * FROM pull_layers WHERE pull_id = ? ORDER BY position", (pull_id,)
         )
-        return tuple(
-            PullLayer(
-                r["position"],
-                r["digest"],
-                r["size"],
-                r["media_type"],
-                r["diff_id"],
-                LayerState(r["state"]),
-            )
-            for r in rows
-        )
+        return tuple(from_row(PullLayer, r, state=LayerState(r["state"])) for r in rows)
 
     # --- state changes ---------------------------------------------------------------
 
@@ -314,23 +304,13 @@ def _insert(
 
 
 def _pull(r: sqlite3.Row, layers: tuple[PullLayer, ...]) -> Pull:
-    return Pull(
-        id=r["id"],
-        reference=r["reference"],
-        manifest_digest=r["manifest_digest"],
-        dest=r["dest"],
-        platform=r["platform"],
-        options=json.loads(r["options"]),
-        state=PullState(r["state"]),
-        last_error=r["last_error"],
-        created=r["created"],
-        updated=r["updated"],
-        layers=layers,
+    return from_row(
+        Pull, r, options=json.loads(r["options"]), state=PullState(r["state"]), layers=layers
     )
 
 
 def _chain(r: sqlite3.Row) -> Chain:
-    return Chain(r["chain_id"], r["diff_id"], r["parent_chain_id"], r["blob_digest"])
+    return from_row(Chain, r)
 
 
 __all__ = [

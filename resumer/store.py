@@ -8,13 +8,14 @@ transaction. Schema changes live in numbered ``migrations/NNNN_name.sql`` files.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -22,6 +23,7 @@ from .clock import Clock, SystemClock
 from .errors import SchemaTooNewError, StoreError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class TransferState(enum.StrEnum):
@@ -403,37 +405,18 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
     return result
 
 
+def from_row(cls: type[R], row: sqlite3.Row, **converted: Any) -> R:
+    """The dataclass ``cls`` from a row whose columns carry its field names.
+
+    ``converted`` gives the fields that need more than the column's value (enums, JSON).
+    """
+    names = [f.name for f in dataclasses.fields(cast(Any, cls)) if f.name not in converted]
+    return cls(**{n: row[n] for n in names}, **converted)
+
+
 def _transfer(r: sqlite3.Row) -> TransferRow:
-    return TransferRow(
-        key=r["key"],
-        digest=r["digest"],
-        size=r["size"],
-        media_type=r["media_type"],
-        source=r["source"],
-        validator=r["validator"],
-        chunk_size=r["chunk_size"],
-        offset=r["offset"],
-        state=TransferState(r["state"]),
-        last_error=r["last_error"],
-        updated=r["updated"],
-    )
+    return from_row(TransferRow, r, state=TransferState(r["state"]))
 
 
 def _attempt(r: sqlite3.Row) -> AttemptRow:
-    return AttemptRow(
-        id=r["id"],
-        key=r["key"],
-        run_id=r["run_id"],
-        attempt_no=r["attempt_no"],
-        host=r["host"],
-        started=r["started"],
-        ended=r["ended"],
-        start_offset=r["start_offset"],
-        end_offset=r["end_offset"],
-        wire_bytes=r["wire_bytes"],
-        kept_bytes=r["kept_bytes"],
-        discarded_bytes=r["discarded_bytes"],
-        discard_reason=r["discard_reason"],
-        http_status=r["http_status"],
-        error=r["error"],
-    )
+    return from_row(AttemptRow, r)
