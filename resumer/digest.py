@@ -1,12 +1,10 @@
-"""Digests: parsing ``sha256:<hex>``, and xxh3-64 chunk hashes for partial data."""
+"""Digests: parsing ``sha256:<hex>``, chain IDs, and xxh3 values in SQLite's integer range."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass
-
-import xxhash
 
 from .errors import UsageError
 
@@ -30,18 +28,8 @@ class Digest:
     def of(cls, data: bytes) -> Digest:
         return cls(hashlib.sha256(data).hexdigest())
 
-    @property
-    def short(self) -> str:
-        """The 12-hex id docker shows for a layer."""
-        return self.hex[:12]
-
     def __str__(self) -> str:
         return f"sha256:{self.hex}"
-
-
-def xxh3(data: bytes | memoryview) -> int:
-    """xxh3-64 of one chunk, as a signed 64-bit int so SQLite can store it."""
-    return to_signed(xxhash.xxh3_64_intdigest(data))
 
 
 def to_signed(value: int) -> int:

@@ -25,10 +25,6 @@ class GcReport:
     removed: list[tuple[str, int, str]] = field(default_factory=list)  # (name, bytes, reason)
     kept_bytes: int = 0
 
-    @property
-    def freed(self) -> int:
-        return sum(n for _, n, _ in self.removed)
-
 
 async def collect_partials(ingest: Ingest, budget: int) -> GcReport:
     """Remove orphan partials, then the oldest ones beyond ``budget`` bytes."""

@@ -596,12 +596,6 @@ class Partial:
         finally:
             self._release()
 
-    def abandon(self) -> None:
-        """Drop everything without a checkpoint, as a killed process would."""
-        if self._recorder is not None:
-            self._recorder.cancel()
-        self._release()
-
     def _release(self) -> None:
         self.ingest.open_partials.discard(self)
         if self._fd >= 0:
