@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import progress as P
 from .config import Config
-from .errors import RegistrationError, TransferError
+from .errors import LayerDownloadError, RegistrationError, TransferError
 from .progress import Event, Stats
 from .pulls import LayerState, Pull, PullLayer, Pulls
 from .register import chain_ids, compute_diff_id
@@ -66,23 +66,6 @@ class PullResult:
     stats: Stats = field(default_factory=Stats)  # summed over the distinct transfers
     existed: list[int] = field(default_factory=list)  # positions reported "Already exists"
     blobs: list[Path] = field(default_factory=list)  # each layer's blob in the content store
-
-
-class LayerDownloadError(TransferError):
-    """A layer's transfer failed (budget exhausted, 404 …); ``cause`` is the transfer's error.
-
-    ``position`` is the lowest layer of the stack with that digest; it and every layer
-    above it failed with this error.
-    """
-
-    def __init__(self, position: int, digest: str, cause: BaseException) -> None:
-        text = str(cause)
-        where = f"layer {position}" if digest in text else f"layer {position} {digest}"
-        super().__init__(f"{where}: {text}", status=getattr(cause, "status", None))
-        self.position = position
-        self.digest = digest
-        self.cause = cause
-        self.exit_code = getattr(cause, "exit_code", 1)
 
 
 def jobs_for(pull: Pull, source_for: Callable[[PullLayer], Source]) -> list[LayerJob]:

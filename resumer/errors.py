@@ -19,7 +19,8 @@
     │   │   ├── AccessDeniedError    401/403 that persists after one token refresh
     │   │   └── DigestMismatchError  (retryable only when the download was resumed)
     │   ├── UnauthorizedError        401: refresh the token once, not an attempt
-    │   └── BudgetExhaustedError     max-download-attempts used up; names blob, N, last cause
+    │   ├── BudgetExhaustedError     max-download-attempts used up; names blob, N, last cause
+    │   └── LayerDownloadError       a pull's layer failed; names its position and the cause
     ├── RegistryError                the distribution API answered something unusable
     │   └── PlatformNotFoundError
     ├── RegistrationError            decompression, diffID mismatch, decompression bomb
@@ -147,6 +148,23 @@ class BudgetExhaustedError(TransferError):
         self.blob = blob
         self.attempts = attempts
         self.last = last
+
+
+class LayerDownloadError(TransferError):
+    """A layer's transfer failed (budget exhausted, 404 …); ``cause`` is the transfer's error.
+
+    ``position`` is the lowest layer of the stack with that digest; it and every layer
+    above it failed with this error.
+    """
+
+    def __init__(self, position: int, digest: str, cause: BaseException) -> None:
+        text = str(cause)
+        where = f"layer {position}" if digest in text else f"layer {position} {digest}"
+        super().__init__(f"{where}: {text}", status=getattr(cause, "status", None))
+        self.position = position
+        self.digest = digest
+        self.cause = cause
+        self.exit_code = getattr(cause, "exit_code", 1)
 
 
 class RegistryError(ResumerError):
