@@ -48,8 +48,9 @@ def main(argv: list[str]) -> int:
     if argv:
         name, rest = argv[0], argv[1:]
         if name not in BENCHMARKS:
-            print(f"unknown benchmark {name!r}; registered: {', '.join(BENCHMARKS)}",
-                  file=sys.stderr)
+            print(
+                f"unknown benchmark {name!r}; registered: {', '.join(BENCHMARKS)}", file=sys.stderr
+            )
             return 2
         return load(name)(rest)
     worst = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import importlib.util
@@ -9,15 +10,18 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -165,8 +169,9 @@ class RunError(RuntimeError):
 GNU_TIME = "/usr/bin/time"
 
 
-def time_child(cmd: Sequence[str], *, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> Run:
+def time_child(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Run:
     """Run ``cmd``; measure wall time and the child's peak RSS and CPU time.
 
     Why the detour through GNU time: Linux carries the pre-exec address space's RSS
@@ -181,11 +186,12 @@ def time_child(cmd: Sequence[str], *, env: dict[str, str] | None = None,
     errfile, usage = WORK / "last-stderr.txt", WORK / "last-usage.txt"
     usage.unlink(missing_ok=True)
     via_time = Path(GNU_TIME).exists()
-    argv = ([GNU_TIME, "-f", "%M %U %S", "-o", str(usage), *cmd] if via_time else list(cmd))
+    argv = [GNU_TIME, "-f", "%M %U %S", "-o", str(usage), *cmd] if via_time else list(cmd)
     with errfile.open("wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, env=env, cwd=cwd)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd
+        )
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
@@ -203,7 +209,67 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
+def median_or_none(xs: Sequence[float]) -> float | None:
+    return median(xs) if xs else None
+
+
+def run_medians(runs: Mapping[str, Sequence[Run]], size: int) -> dict[str, dict[str, float]]:
+    """Per variant: median wall, peak RSS, user and sys CPU of its timed runs, and MB/s."""
+    return {
+        k: {
+            "wall_s": median([r.wall_s for r in rs]),
+            "maxrss_mib": median([r.maxrss_mib for r in rs]),
+            "user_s": median([r.user_s for r in rs]),
+            "sys_s": median([r.sys_s for r in rs]),
+            "mb_per_s": size / 1e6 / median([r.wall_s for r in rs]),
+        }
+        for k, rs in runs.items()
+    }
+
+
+def outcome_medians(
+    rows: Sequence[dict[str, Any]], keys: Sequence[str], completed_too: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Completed/runs, then the median of each key over all rows (for the keys in
+    ``completed_too`` also ``KEY_completed``: over completed rows only, None if none)."""
+    ok = [x for x in rows if x["completed"]]
+    out: dict[str, Any] = {"completed": len(ok), "runs": len(rows)}
+    for key in keys:
+        out[key] = median([x[key] for x in rows])
+        if key in completed_too:
+            out[f"{key}_completed"] = median_or_none([x[key] for x in ok])
+    return out
+
+
+def rotated(items: Sequence[T], r: int) -> list[T]:
+    """``items`` started at index ``r`` (mod len): round r's order, so no tool always runs first."""
+    k = r % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def fresh_dir(path: Path, *, sync: bool = False) -> None:
+    """Empty ``path`` (recreated); with ``sync``, flush the deleted run's dirty pages now,
+    not during the next tool's run."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    if sync:
+        os.sync()
+
+
 # --------------------------------------------------------------------------- results
+
+
+def stamp(name: str, versions: dict[str, str]) -> dict[str, Any]:
+    """The first keys of every results file: benchmark, date, machine, versions."""
+    return {"benchmark": name, "date": now_utc(), "machine": machine(), "versions": versions}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The report's ``- **Machine:**`` line from ``machine()``'s dict."""
+    return (
+        f"- **Machine:** {m['nproc']} CPUs, {m['cpu']}, {m['memory_gib']} GiB RAM, "
+        f"Linux {m['kernel']}, Python {m['python']}."
+    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -227,6 +293,74 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """``python -m benchmarks NAME``'s parser, with the module docstring as its description."""
+    return argparse.ArgumentParser(
+        prog=f"python -m benchmarks {name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def missing_tools(name: str, exes: Sequence[str]) -> bool:
+    """Whether one of ``exes`` is not on PATH (then says which on stderr)."""
+    for exe in exes:
+        if shutil.which(exe) is None:
+            print(f"{name}: {exe} is not on PATH", file=sys.stderr)
+            return True
+    return False
+
+
+def finish(
+    name: str,
+    text: str,
+    data: dict[str, Any],
+    plot: Callable[[dict[str, Any]], Path],
+    *,
+    no_write: bool,
+) -> int:
+    """Print the report; unless ``no_write``, write results/NAME.{md,json} and the plot."""
+    print(text)
+    if no_write:
+        return 0
+    md, js = write_results(name, text, data)
+    png = plot(data)
+    print(f"wrote {md}, {js}, {png}")
+    return 0
+
+
+Panel = tuple[list[float], list[list[float]]]  # medians, and each one's per-run values
+
+
+def run_panel(
+    keys: Sequence[str],
+    medians: Mapping[str, Mapping[str, float]],
+    runs: Mapping[str, Sequence[Run]],
+    field: str,
+) -> Panel:
+    """One ``plot_bars`` panel of timed runs: ``field`` (``wall_s``, ``maxrss_mib``…) per key."""
+    return (
+        [medians[k][field] for k in keys],
+        [[float(getattr(r, field)) for r in runs[k]] for k in keys],
+    )
+
+
+def outcome_panels(
+    cells: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], fields: Sequence[str]
+) -> dict[str, Panel]:
+    """Per field, a ``plot_bars`` panel over ``(outcome_medians, rows)`` cells, one bar each.
+
+    ``completed`` is drawn as the fraction of runs that completed (each run 0 or 1).
+    """
+    panels: dict[str, Panel] = {f: ([], []) for f in fields}
+    for med, rows in cells:
+        for f in fields:
+            value = med[f] / med["runs"] if f == "completed" else med[f]
+            panels[f][0].append(value)
+            panels[f][1].append([float(x[f]) for x in rows])
+    return panels
 
 
 def plot_bars(
@@ -287,6 +421,66 @@ def more_versions() -> dict[str, str]:
     }
 
 
+def retrying_fetch_argv(url: str, digest: str, scratch: Path, attempts: int) -> list[str]:
+    """``resumer fetch`` into ``scratch/out.bin`` with ``attempts`` tries, linear 1 s step."""
+    return [
+        *resumer_bin(),
+        "fetch",
+        url,
+        "--digest",
+        digest,
+        "-o",
+        str(scratch / "out.bin"),
+        "--root",
+        str(scratch / "root"),
+        "--progress",
+        "json",
+        "--max-download-attempts",
+        str(attempts),
+        "--retry-delay",
+        "1",
+    ]
+
+
+def retrying_curl_argv(url: str, scratch: Path, attempts: int) -> list[str]:
+    """curl with 1 + (attempts − 1) retries, 1 s apart; each retry restarts from byte 0."""
+    return [
+        "curl",
+        "-sS",
+        "-f",
+        "--retry",
+        str(attempts - 1),
+        "--retry-all-errors",
+        "--retry-delay",
+        "1",
+        "-o",
+        str(scratch / "out.bin"),
+        url,
+    ]
+
+
+def retrying_aria2c_argv(url: str, digest: str, scratch: Path, attempts: int) -> list[str]:
+    """aria2c, one connection, ``attempts`` tries 1 s apart (resumes), sha-256 checked."""
+    return [
+        "aria2c",
+        "-x1",
+        "-s1",
+        f"--max-tries={attempts}",
+        "--retry-wait=1",
+        f"--checksum=sha-256={digest.removeprefix('sha256:')}",
+        "--allow-overwrite=true",
+        "--auto-file-renaming=false",
+        "--file-allocation=none",
+        "--console-log-level=warn",
+        "--summary-interval=0",
+        "-d",
+        str(scratch),
+        "-o",
+        "out.bin",
+        url,
+    ]
+
+
 class ProxyProcess:
     """``python -m resumer.lab.proxy`` as a child: one fresh proxy (and schedule) per run.
 
@@ -294,16 +488,35 @@ class ProxyProcess:
     points for every tool: connection i of every run is cut at the same offset.
     """
 
-    def __init__(self, target_port: int, seed: int, *, cut_after: tuple[int, int] | None = None,
-                 rate: float | None = None) -> None:
-        argv = [sys.executable, "-m", "resumer.lab.proxy", "--target", f"127.0.0.1:{target_port}",
-                "--seed", str(seed)]
+    def __init__(
+        self,
+        target_port: int,
+        seed: int,
+        *,
+        cut_after: tuple[int, int] | None = None,
+        rate: float | None = None,
+    ) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "resumer.lab.proxy",
+            "--target",
+            f"127.0.0.1:{target_port}",
+            "--seed",
+            str(seed),
+        ]
         if cut_after is not None:
             argv += ["--cut-after", f"{cut_after[0]}:{cut_after[1]}"]
         if rate is not None:
             argv += ["--rate", str(rate)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()  # the proxy prints this once it listens
         if not line.startswith("listening on 127.0.0.1:"):
@@ -350,19 +563,32 @@ class BenchImage:
         return max(self.layers, key=lambda d_s: d_s[1])
 
 
-def push_bench_image(registry_url: str, work: Path, layer_mib: Sequence[int], seed: int,
-                     repo: str = "bench/img", tag: str = "v1") -> BenchImage:
+def push_bench_image(
+    registry_url: str,
+    work: Path,
+    layer_mib: Sequence[int],
+    seed: int,
+    repo: str = "bench/img",
+    tag: str = "v1",
+) -> BenchImage:
     """Build a seeded image of incompressible gzip layers and push it (skipped blobs exist)."""
     import asyncio
 
     from resumer.lab.images import LayerSpec, build_image, push_to_registry
 
-    specs = [LayerSpec(size=m * MiB, compression="gzip", compressible=False, files=2)
-             for m in layer_mib]
+    specs = [
+        LayerSpec(size=m * MiB, compression="gzip", compressible=False, files=2) for m in layer_mib
+    ]
     img = build_image(work / "image", specs, seed=seed)
     asyncio.run(push_to_registry(registry_url, repo, tag, img))
-    return BenchImage(repo, tag, img.manifest_digest, [(x.digest, x.size) for x in img.layers],
-                      len(img.config), len(img.manifest))
+    return BenchImage(
+        repo,
+        tag,
+        img.manifest_digest,
+        [(x.digest, x.size) for x in img.layers],
+        len(img.config),
+        len(img.manifest),
+    )
 
 
 def oci_has_blobs(dest: Path, blobs: Sequence[tuple[str, int]]) -> bool:
@@ -396,15 +622,27 @@ class Bounded:
     stderr_tail: str
 
 
-def run_bounded(argv: Sequence[str], limit_s: float, *, cwd: Path | None = None,
-                env: dict[str, str] | None = None) -> Bounded:
+def run_bounded(
+    argv: Sequence[str],
+    limit_s: float,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Bounded:
     """Run ``argv`` in its own process group; SIGKILL the group at ``limit_s``; always reap."""
     import signal as _signal
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=limit_s)
         code: int | None = proc.returncode

@@ -21,16 +21,14 @@ Tools, each with ~10 retries and a 1 s retry step where it can be set:
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import common
+from . import common, image_bench
 from .common import BenchImage, MiB
+from .image_bench import Ctx
 
 NAME = "cuts"
 SEED = 20240605
@@ -47,21 +45,6 @@ SCHEDULES: dict[str, tuple[tuple[int, int], str]] = {
 
 
 @dataclass(frozen=True)
-class Ctx:
-    port: int
-    image: BenchImage
-    scratch: Path
-
-    @property
-    def ref(self) -> str:
-        return f"127.0.0.1:{self.port}/{self.image.repo}:{self.image.tag}"
-
-    @property
-    def blob_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v2/{self.image.repo}/blobs/{self.image.largest[0]}"
-
-
-@dataclass(frozen=True)
 class Tool:
     key: str
     label: str
@@ -70,33 +53,23 @@ class Tool:
 
 
 def _resumer_pull(c: Ctx) -> list[str]:
-    return [*common.resumer_bin(), "pull", c.ref, "--root", str(c.scratch / "root"),
-            "--dest", str(c.scratch / "oci"), "--insecure-registry", f"127.0.0.1:{c.port}",
-            "--progress", "json", "--max-download-attempts", str(ATTEMPTS), "--retry-delay", "1"]
+    return image_bench.pull_argv(c, "--max-download-attempts", str(ATTEMPTS), "--retry-delay", "1")
 
 
 def _skopeo(c: Ctx) -> list[str]:
-    return ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "5",
-            f"docker://{c.ref}", f"oci:{c.scratch / 'oci'}:{c.image.tag}"]
+    return image_bench.skopeo_copy_argv(c, "--retry-times", "5")
 
 
 def _resumer_fetch(c: Ctx) -> list[str]:
-    return [*common.resumer_bin(), "fetch", c.blob_url, "--digest", c.image.largest[0],
-            "-o", str(c.scratch / "out.bin"), "--root", str(c.scratch / "root"),
-            "--progress", "json", "--max-download-attempts", str(ATTEMPTS), "--retry-delay", "1"]
+    return common.retrying_fetch_argv(c.blob_url, c.image.largest[0], c.scratch, ATTEMPTS)
 
 
 def _curl(c: Ctx) -> list[str]:
-    return ["curl", "-sS", "-f", "--retry", str(ATTEMPTS - 1), "--retry-all-errors",
-            "--retry-delay", "1", "-o", str(c.scratch / "out.bin"), c.blob_url]
+    return common.retrying_curl_argv(c.blob_url, c.scratch, ATTEMPTS)
 
 
 def _aria2c(c: Ctx) -> list[str]:
-    hexd = c.image.largest[0].removeprefix("sha256:")
-    return ["aria2c", "-x1", "-s1", f"--max-tries={ATTEMPTS}", "--retry-wait=1",
-            f"--checksum=sha-256={hexd}", "--allow-overwrite=true",
-            "--auto-file-renaming=false", "--file-allocation=none", "--console-log-level=warn",
-            "--summary-interval=0", "-d", str(c.scratch), "-o", "out.bin", c.blob_url]
+    return common.retrying_aria2c_argv(c.blob_url, c.image.largest[0], c.scratch, ATTEMPTS)
 
 
 TOOLS = [
@@ -112,39 +85,32 @@ def _completed(tool: Tool, ctx: Ctx, code: int | None) -> bool:
     if code != 0:
         return False
     if tool.level == "image":
-        return common.oci_has_blobs(ctx.scratch / "oci", ctx.image.layers)
+        return image_bench.pulled(ctx)
     out = ctx.scratch / "out.bin"
     return out.is_file() and common.file_sha256(out) == ctx.image.largest[0]
 
 
 def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
-    servers = common.load_servers()
-    work = common.WORK / NAME
-    registry = servers.start_registry(work / "registry")
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {t.key: [] for t in TOOLS}
-                                                        for s in schedules}
-    try:
-        image = common.push_bench_image(registry.url, work, LAYERS_MIB, SEED)
-        scratch = work / "scratch"
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        s: {t.key: [] for t in TOOLS} for s in schedules
+    }
+    with image_bench.registry_with_image(NAME, LAYERS_MIB, SEED) as lab:
+        image = lab.image
         for sched in schedules:
             span, _ = SCHEDULES[sched]
             for r in range(rounds):
                 seed = SEED + r  # the same schedule for every tool in run r
-                order = TOOLS[r % len(TOOLS):] + TOOLS[:r % len(TOOLS)]
-                for tool in order:
-                    shutil.rmtree(scratch, ignore_errors=True)
-                    scratch.mkdir(parents=True)
-                    proxy = common.ProxyProcess(registry.port, seed, cut_after=span, rate=RATE)
-                    ctx = Ctx(proxy.port, image, scratch)
-                    try:
-                        res = common.run_bounded(tool.argv(ctx), LIMIT_S, cwd=scratch)
-                    finally:
-                        counters = proxy.stop()
+                for tool in common.rotated(TOOLS, r):
+                    with lab.proxied(seed, cut_after=span, rate=RATE) as (ctx, counters):
+                        res = common.run_bounded(tool.argv(ctx), LIMIT_S, cwd=ctx.scratch)
                     payload = image.payload if tool.level == "image" else image.largest[1]
                     done = _completed(tool, ctx, res.returncode)
                     row = {
-                        "seed": seed, "completed": done, "returncode": res.returncode,
-                        "wall_s": res.wall_s, "wire_bytes": counters.get("bytes_down", 0),
+                        "seed": seed,
+                        "completed": done,
+                        "returncode": res.returncode,
+                        "wall_s": res.wall_s,
+                        "wire_bytes": counters.get("bytes_down", 0),
                         "payload_bytes": payload,
                         "wire_ratio": counters.get("bytes_down", 0) / payload,
                         "connections": counters.get("connections", 0),
@@ -153,17 +119,13 @@ def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
                         "stderr_tail": "" if done else res.stderr_tail,
                     }
                     runs[sched][tool.key].append(row)
-                    print(f"{sched} round {r + 1}/{rounds} {tool.key:14s} "
-                          f"{'ok  ' if done else 'FAIL'} {res.wall_s:6.1f} s "
-                          f"wire/payload {row['wire_ratio']:.3f} cuts {row['cuts']}", flush=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-    finally:
-        registry.stop()
+                    print(
+                        f"{sched} round {r + 1}/{rounds} {tool.key:14s} "
+                        f"{'ok  ' if done else 'FAIL'} {res.wall_s:6.1f} s "
+                        f"wire/payload {row['wire_ratio']:.3f} cuts {row['cuts']}",
+                        flush=True,
+                    )
     return {"image": image, "runs": runs}
-
-
-def _median_or_none(xs: list[float]) -> float | None:
-    return common.median(xs) if xs else None
 
 
 def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
@@ -172,37 +134,28 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
     for sched, per_tool in measured["runs"].items():
         med[sched] = {}
         for key, rows in per_tool.items():
-            ok = [x for x in rows if x["completed"]]
-            med[sched][key] = {
-                "completed": len(ok), "runs": len(rows),
-                "wall_s": common.median([x["wall_s"] for x in rows]),
-                "wall_s_completed": _median_or_none([x["wall_s"] for x in ok]),
-                "wire_ratio": common.median([x["wire_ratio"] for x in rows]),
-                "wire_ratio_completed": _median_or_none([x["wire_ratio"] for x in ok]),
-                "cuts": common.median([x["cuts"] for x in rows]),
-            }
+            med[sched][key] = common.outcome_medians(
+                rows, ["wall_s", "wire_ratio", "cuts"], completed_too=["wall_s", "wire_ratio"]
+            )
     return {
-        "benchmark": NAME,
-        "date": common.now_utc(),
-        "machine": common.machine(),
-        "versions": {**common.peer_versions(), **common.more_versions()},
+        **common.stamp(NAME, image_bench.versions()),
         "seed": SEED,
         "seeds_per_round": [SEED + r for r in range(rounds)],
         "rounds": rounds,
         "rate_bytes_per_s": RATE,
-        "schedules": {s: {"cut_after": SCHEDULES[s][0], "text": SCHEDULES[s][1]}
-                      for s in measured["runs"]},
-        "image": {"repo": image.repo, "tag": image.tag, "manifest": image.manifest_digest,
-                  "layers": image.layers, "payload_bytes": image.payload,
-                  "blob": image.largest, "layers_mib": LAYERS_MIB,
-                  "generator": "resumer.lab.images.build_image, incompressible gzip layers"},
+        "schedules": {
+            s: {"cut_after": SCHEDULES[s][0], "text": SCHEDULES[s][1]} for s in measured["runs"]
+        },
+        "image": image_bench.image_summary(image, LAYERS_MIB, with_blob=True),
         "tools": {t.key: {"label": t.label, "level": t.level} for t in TOOLS},
-        "method": ("real CNCF registry on 127.0.0.1 behind a fresh resumer.lab.proxy per run "
-                   "(seed SEED+round, so run i of every tool meets the same cut points per "
-                   "connection in accept order), rate-limited; tools alternate, order rotated "
-                   "per round; fresh root/output every run; wire = proxy bytes_down "
-                   "(server→client bytes including HTTP headers); wall from spawn to exit, "
-                   f"capped at {LIMIT_S:.0f} s"),
+        "method": (
+            "real CNCF registry on 127.0.0.1 behind a fresh resumer.lab.proxy per run "
+            "(seed SEED+round, so run i of every tool meets the same cut points per "
+            "connection in accept order), rate-limited; tools alternate, order rotated "
+            "per round; fresh root/output every run; wire = proxy bytes_down "
+            "(server→client bytes including HTTP headers); wall from spawn to exit, "
+            f"capped at {LIMIT_S:.0f} s"
+        ),
         "medians": med,
         "runs": measured["runs"],
     }
@@ -223,8 +176,7 @@ def render(data: dict[str, Any]) -> str:
         f"bytes (gzip), {img['payload_bytes']} bytes with config and manifest. Blob tools fetch "
         f"the largest layer, {img['blob'][1]} bytes (`{img['blob'][0][:19]}…`), from "
         "`/v2/<repo>/blobs/<digest>` of the same registry.",
-        f"- **Machine:** {m['nproc']} CPUs, {m['cpu']}, {m['memory_gib']} GiB RAM, "
-        f"Linux {m['kernel']}, Python {m['python']}.",
+        common.machine_line(m),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
         f"{ver['skopeo']}; {ver['curl'].split(' (')[0]}; {ver['aria2c']}; "
         f"{ver['docker-registry']}.",
@@ -239,25 +191,51 @@ def render(data: dict[str, Any]) -> str:
         rows = []
         for t in TOOLS:
             d = data["medians"][sched][t.key]
-            rows.append([t.label, t.level, f"{d['completed']}/{d['runs']}",
-                         f"{d['wall_s']:.1f}", _fmt(d["wall_s_completed"], ".1f"),
-                         f"{d['wire_ratio']:.3f}", _fmt(d["wire_ratio_completed"], ".3f"),
-                         f"{d['cuts']:.0f}"])
-        out.append(common.markdown_table(
-            ["tool", "payload", "completed", "median wall (s), all runs",
-             "median wall (s), completed runs", "median wire / payload, all runs",
-             "median wire / payload, completed", "median cuts"], rows))
+            rows.append(
+                [
+                    t.label,
+                    t.level,
+                    f"{d['completed']}/{d['runs']}",
+                    f"{d['wall_s']:.1f}",
+                    _fmt(d["wall_s_completed"], ".1f"),
+                    f"{d['wire_ratio']:.3f}",
+                    _fmt(d["wire_ratio_completed"], ".3f"),
+                    f"{d['cuts']:.0f}",
+                ]
+            )
+        out.append(
+            common.markdown_table(
+                [
+                    "tool",
+                    "payload",
+                    "completed",
+                    "median wall (s), all runs",
+                    "median wall (s), completed runs",
+                    "median wire / payload, all runs",
+                    "median wire / payload, completed",
+                    "median cuts",
+                ],
+                rows,
+            )
+        )
         per = []
         for t in TOOLS:
             rs = data["runs"][sched][t.key]
-            per.append([t.label,
-                        ", ".join(f"{x['wall_s']:.1f}{'' if x['completed'] else '✗'}" for x in rs),
-                        ", ".join(f"{x['wire_ratio']:.2f}" for x in rs)])
+            per.append(
+                [
+                    t.label,
+                    ", ".join(f"{x['wall_s']:.1f}{'' if x['completed'] else '✗'}" for x in rs),
+                    ", ".join(f"{x['wire_ratio']:.2f}" for x in rs),
+                ]
+            )
         out.append("Every run (✗ = did not complete):\n")
         out.append(common.markdown_table(["tool", "wall (s)", "wire / payload"], per))
-        fails = [(t.label, x["returncode"], x["stderr_tail"].splitlines()[-1:])
-                 for t in TOOLS for x in data["runs"][sched][t.key]
-                 if not x["completed"] and x["stderr_tail"]]
+        fails = [
+            (t.label, x["returncode"], x["stderr_tail"].splitlines()[-1:])
+            for t in TOOLS
+            for x in data["runs"][sched][t.key]
+            if not x["completed"] and x["stderr_tail"]
+        ]
         if fails:
             seen: set[str] = set()
             out.append("Why runs failed (last stderr line, first of each kind):\n")
@@ -273,48 +251,39 @@ def render(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any]) -> Path:
-    labels, done, walls, wires, done_runs, wall_runs, wire_runs = [], [], [], [], [], [], []
-    for sched in data["schedules"]:
-        for t in TOOLS:
-            d, rs = data["medians"][sched][t.key], data["runs"][sched][t.key]
-            labels.append(f"{sched}: {t.label.split(' --')[0]}")
-            done.append(d["completed"] / d["runs"])
-            done_runs.append([float(x["completed"]) for x in rs])
-            walls.append(d["wall_s"])
-            wall_runs.append([x["wall_s"] for x in rs])
-            wires.append(d["wire_ratio"])
-            wire_runs.append([x["wire_ratio"] for x in rs])
+    cells = [(s, t) for s in data["schedules"] for t in TOOLS]
+    labels = [f"{s}: {t.label.split(' --')[0]}" for s, t in cells]
+    panels = common.outcome_panels(
+        [(data["medians"][s][t.key], data["runs"][s][t.key]) for s, t in cells],
+        ("completed", "wall_s", "wire_ratio"),
+    )
     return common.plot_bars(
         common.RESULTS / f"{NAME}.png",
         f"Cut links, seeded RST schedule, median of {data['rounds']} ({data['date'][:10]})",
         labels,
-        [("completed (fraction of runs)", done, done_runs, None),
-         ("wall time (s), incl. failed runs", walls, wall_runs, None),
-         ("wire bytes / payload", wires, wire_runs, 1.0)],
+        [
+            ("completed (fraction of runs)", *panels["completed"], None),
+            ("wall time (s), incl. failed runs", *panels["wall_s"], None),
+            ("wire bytes / payload", *panels["wire_ratio"], 1.0),
+        ],
     )
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks cuts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(NAME, __doc__)
     p.add_argument("--rounds", type=int, default=3, help="runs per tool and schedule (≥ 3)")
-    p.add_argument("--schedule", choices=list(SCHEDULES), action="append",
-                   help="only this schedule (repeatable; default: all)")
+    p.add_argument(
+        "--schedule",
+        choices=list(SCHEDULES),
+        action="append",
+        help="only this schedule (repeatable; default: all)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be ≥ 1")
-    for exe in ("docker-registry", "skopeo", "curl", "aria2c"):
-        if shutil.which(exe) is None:
-            print(f"cuts: {exe} is not on PATH", file=sys.stderr)
-            return 1
+    if common.missing_tools(NAME, ("docker-registry", "skopeo", "curl", "aria2c")):
+        return 1
     measured = measure(args.rounds, args.schedule or list(SCHEDULES))
     data = summarise(args.rounds, measured)
-    text = render(data)
-    print(text)
-    if args.no_write:
-        return 0
-    md, js = common.write_results(NAME, text, data)
-    png = plot(data)
-    print(f"wrote {md}, {js}, {png}")
-    return 0
+    return common.finish(NAME, render(data), data, plot, no_write=args.no_write)

@@ -13,10 +13,7 @@ checkpoints on; checkpoint overhead ≤ 5 %; peak RSS ≤ 80 MiB.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +37,27 @@ class Variant:
     build: Callable[[str, str, Path], tuple[list[str], Path]]
 
 
-def _resumer_bin() -> list[str]:
-    # The console script next to this interpreter, not the first on PATH: a pyenv shim
-    # there would add bash start-ups to every timed run.
-    exe = Path(sys.executable).parent / "resumer"
-    # Fallback when the console script is not installed: the same entry point.
-    fallback = [sys.executable, "-c", "import sys; from resumer.cli import main; sys.exit(main())"]
-    return [str(exe)] if exe.exists() else fallback
-
-
 def _resumer(*extra: str) -> Callable[[str, str, Path], tuple[list[str], Path]]:
     def build(url: str, digest: str, scratch: Path) -> tuple[list[str], Path]:
         out = scratch / "out.bin"
         root = scratch / "root"  # fresh every run: no checkpoint or blob to reuse
-        return [*_resumer_bin(), "fetch", url, "--digest", digest, "-o", str(out),
-                "--root", str(root), "--progress", "none", *extra], out
+        # The console script next to this interpreter, not the first on PATH: a pyenv
+        # shim there would add bash start-ups to every timed run.
+        return [
+            *common.resumer_bin(),
+            "fetch",
+            url,
+            "--digest",
+            digest,
+            "-o",
+            str(out),
+            "--root",
+            str(root),
+            "--progress",
+            "none",
+            *extra,
+        ], out
+
     return build
 
 
@@ -65,9 +68,21 @@ def _curl(url: str, digest: str, scratch: Path) -> tuple[list[str], Path]:
 
 def _aria2c(url: str, digest: str, scratch: Path) -> tuple[list[str], Path]:
     out = scratch / "out.bin"
-    return ["aria2c", "-x1", "-s1", "--allow-overwrite=true", "--auto-file-renaming=false",
-            "-d", str(scratch), "-o", out.name, "--file-allocation=none",
-            "--console-log-level=warn", "--summary-interval=0", url], out
+    return [
+        "aria2c",
+        "-x1",
+        "-s1",
+        "--allow-overwrite=true",
+        "--auto-file-renaming=false",
+        "-d",
+        str(scratch),
+        "-o",
+        out.name,
+        "--file-allocation=none",
+        "--console-log-level=warn",
+        "--summary-interval=0",
+        url,
+    ], out
 
 
 VARIANTS = [
@@ -86,13 +101,6 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * {"": 1, "B": 1, "KiB": 1024, "MiB": MiB, "GiB": GiB}[m.group(2)]
 
 
-def _clear(scratch: Path) -> None:
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    # Flush the deleted run's dirty pages now, not during the next tool's run.
-    os.sync()
-
-
 def measure(size: int, rounds: int, verify_all: bool) -> dict[str, Any]:
     servers = common.load_servers()
     work = common.WORK / NAME
@@ -106,9 +114,8 @@ def measure(size: int, rounds: int, verify_all: bool) -> dict[str, Any]:
     runs: dict[str, list[Run]] = {v.key: [] for v in VARIANTS}
     try:
         for r in range(rounds):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-            for v in order:
-                _clear(scratch)
+            for v in common.rotated(VARIANTS, r):
+                common.fresh_dir(scratch, sync=True)
                 argv, out = v.build(url, digest, scratch)
                 run = common.time_child(argv, cwd=scratch)
                 got = out.stat().st_size
@@ -119,9 +126,12 @@ def measure(size: int, rounds: int, verify_all: bool) -> dict[str, Any]:
                 if (r == 0 or verify_all) and common.file_sha256(out) != digest:
                     raise common.RunError(f"{v.key}: output digest differs from the source")
                 runs[v.key].append(run)
-                print(f"round {r + 1}/{rounds} {v.key:15s} {run.wall_s:7.3f} s "
-                      f"{run.maxrss_mib:6.1f} MiB", flush=True)
-        _clear(scratch)
+                print(
+                    f"round {r + 1}/{rounds} {v.key:15s} {run.wall_s:7.3f} s "
+                    f"{run.maxrss_mib:6.1f} MiB",
+                    flush=True,
+                )
+        common.fresh_dir(scratch, sync=True)
     finally:
         nginx.stop()
     return {"url_host": nginx.host, "digest": digest, "runs": runs}
@@ -129,13 +139,7 @@ def measure(size: int, rounds: int, verify_all: bool) -> dict[str, Any]:
 
 def summarise(size: int, rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
     runs: dict[str, list[Run]] = measured["runs"]
-    med = {k: {
-        "wall_s": common.median([r.wall_s for r in rs]),
-        "maxrss_mib": common.median([r.maxrss_mib for r in rs]),
-        "user_s": common.median([r.user_s for r in rs]),
-        "sys_s": common.median([r.sys_s for r in rs]),
-        "mb_per_s": size / 1e6 / common.median([r.wall_s for r in rs]),
-    } for k, rs in runs.items()}
+    med = common.run_medians(runs, size)
     curl = med["curl"]["wall_s"]
     ratios = {
         "resumer/curl": med["resumer"]["wall_s"] / curl,
@@ -146,31 +150,44 @@ def summarise(size: int, rounds: int, measured: dict[str, Any]) -> dict[str, Any
         "resumer_256k/resumer": med["resumer_256k"]["wall_s"] / med["resumer"]["wall_s"],
     }
     goals = {
-        "wall_vs_curl": {"goal": f"≤ {GOAL_RATIO:.1f}× curl", "value": ratios["resumer/curl"],
-                         "met": ratios["resumer/curl"] <= GOAL_RATIO},
-        "checkpoint_overhead": {"goal": f"≤ {GOAL_OVERHEAD:.0%}",
-                                "value": ratios["checkpoint_overhead"],
-                                "met": ratios["checkpoint_overhead"] <= GOAL_OVERHEAD},
-        "peak_rss": {"goal": f"≤ {GOAL_RSS_MIB:.0f} MiB", "value": med["resumer"]["maxrss_mib"],
-                     "met": med["resumer"]["maxrss_mib"] <= GOAL_RSS_MIB},
+        "wall_vs_curl": {
+            "goal": f"≤ {GOAL_RATIO:.1f}× curl",
+            "value": ratios["resumer/curl"],
+            "met": ratios["resumer/curl"] <= GOAL_RATIO,
+        },
+        "checkpoint_overhead": {
+            "goal": f"≤ {GOAL_OVERHEAD:.0%}",
+            "value": ratios["checkpoint_overhead"],
+            "met": ratios["checkpoint_overhead"] <= GOAL_OVERHEAD,
+        },
+        "peak_rss": {
+            "goal": f"≤ {GOAL_RSS_MIB:.0f} MiB",
+            "value": med["resumer"]["maxrss_mib"],
+            "met": med["resumer"]["maxrss_mib"] <= GOAL_RSS_MIB,
+        },
     }
     return {
-        "benchmark": NAME,
-        "date": common.now_utc(),
-        "machine": common.machine(),
-        "versions": common.peer_versions(),
-        "blob": {"size": size, "seed": SEED, "digest": measured["digest"],
-                 "generator": "random.Random(seed).randbytes, 4 MiB pieces"},
+        **common.stamp(NAME, common.peer_versions()),
+        "blob": {
+            "size": size,
+            "seed": SEED,
+            "digest": measured["digest"],
+            "generator": "random.Random(seed).randbytes, 4 MiB pieces",
+        },
         "server": f"nginx on {measured['url_host']} (tests/servers.py start_nginx, sendfile on)",
         "rounds": rounds,
-        "method": ("each round runs every variant once, order rotated per round; fresh root and "
-                   "output every run; outputs deleted and os.sync() between runs; page cache "
-                   "not dropped; wall time from spawn to reap (perf_counter); peak RSS and CPU "
-                   "time = the command's own ru_maxrss/ru_utime/ru_stime, reported by GNU "
-                   "time's wait4 (a direct os.wait4 from Python would include the benchmark "
-                   "process's own RSS, which Linux carries across exec)"),
-        "variants": {v.key: {"label": v.label, "argv": v.build("URL", "DIGEST", Path("DIR"))[0]}
-                     for v in VARIANTS},
+        "method": (
+            "each round runs every variant once, order rotated per round; fresh root and "
+            "output every run; outputs deleted and os.sync() between runs; page cache "
+            "not dropped; wall time from spawn to reap (perf_counter); peak RSS and CPU "
+            "time = the command's own ru_maxrss/ru_utime/ru_stime, reported by GNU "
+            "time's wait4 (a direct os.wait4 from Python would include the benchmark "
+            "process's own RSS, which Linux carries across exec)"
+        ),
+        "variants": {
+            v.key: {"label": v.label, "argv": v.build("URL", "DIGEST", Path("DIR"))[0]}
+            for v in VARIANTS
+        },
         "medians": med,
         "ratios": ratios,
         "goals": goals,
@@ -186,40 +203,63 @@ def render(data: dict[str, Any], profile: str | None) -> str:
     for v in VARIANTS:
         d = med[v.key]
         walls = [r.wall_s for r in data["runs"][v.key]]
-        rows.append([v.label, f"{d['wall_s']:.3f}", f"{min(walls):.2f}–{max(walls):.2f}",
-                     f"{d['mb_per_s']:.0f}",
-                     f"{d['wall_s'] / curl:.3f}×", f"{d['maxrss_mib']:.1f}",
-                     f"{d['user_s']:.2f}", f"{d['sys_s']:.2f}"])
+        rows.append(
+            [
+                v.label,
+                f"{d['wall_s']:.3f}",
+                f"{min(walls):.2f}–{max(walls):.2f}",
+                f"{d['mb_per_s']:.0f}",
+                f"{d['wall_s'] / curl:.3f}×",
+                f"{d['maxrss_mib']:.1f}",
+                f"{d['user_s']:.2f}",
+                f"{d['sys_s']:.2f}",
+            ]
+        )
     table = common.markdown_table(
-        ["variant", "median wall (s)", "min–max (s)", "MB/s", "÷ curl", "median peak RSS (MiB)",
-         "median user CPU (s)", "median sys CPU (s)"], rows)
+        [
+            "variant",
+            "median wall (s)",
+            "min–max (s)",
+            "MB/s",
+            "÷ curl",
+            "median peak RSS (MiB)",
+            "median user CPU (s)",
+            "median sys CPU (s)",
+        ],
+        rows,
+    )
     ratio_rows = [
         ["resumer / curl", f"{ratios['resumer/curl']:.3f}×"],
         ["resumer --no-checkpoints / curl", f"{ratios['resumer_nockpt/curl']:.3f}×"],
-        ["checkpoint overhead (resumer / --no-checkpoints − 1)",
-         f"{ratios['checkpoint_overhead']:+.1%}"],
+        [
+            "checkpoint overhead (resumer / --no-checkpoints − 1)",
+            f"{ratios['checkpoint_overhead']:+.1%}",
+        ],
         ["256 KiB chunks / 1 MiB chunks", f"{ratios['resumer_256k/resumer']:.3f}×"],
         ["aria2c / curl", f"{ratios['aria2c/curl']:.3f}×"],
     ]
     goal_rows = []
     for name, g in goals.items():
-        value = (f"{g['value']:.3f}×" if name == "wall_vs_curl" else
-                 f"{g['value']:+.1%}" if name == "checkpoint_overhead" else
-                 f"{g['value']:.1f} MiB")
+        value = (
+            f"{g['value']:.3f}×"
+            if name == "wall_vs_curl"
+            else f"{g['value']:+.1%}"
+            if name == "checkpoint_overhead"
+            else f"{g['value']:.1f} MiB"
+        )
         goal_rows.append([name, g["goal"], value, "met" if g["met"] else "**missed**"])
     per_run = []
     for v in VARIANTS:
-        walls = ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][v.key])
+        wall_list = ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][v.key])
         rss = ", ".join(f"{r.maxrss_mib:.0f}" for r in data["runs"][v.key])
-        per_run.append([v.label, walls, rss])
+        per_run.append([v.label, wall_list, rss])
     ver = data["versions"]
     out = [
         "# Clean-link speed (`python -m benchmarks fetch`)\n",
         f"Measured {data['date']}; {data['rounds']} rounds; blob {size} bytes "
         f"({size / GiB:.3g} GiB) of seeded random bytes (seed {data['blob']['seed']}, "
         f"`{data['blob']['digest']}`), served by {data['server']}.\n",
-        f"- **Machine:** {m['nproc']} CPUs, {m['cpu']}, {m['memory_gib']} GiB RAM, "
-        f"Linux {m['kernel']}, Python {m['python']}.",
+        common.machine_line(m),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}), "
         f"aiohttp {ver['aiohttp']}, xxhash {ver['xxhash']}; {ver['curl'].split(' (')[0]}; "
         f"{ver['aria2c']}; {ver['nginx']}.",
@@ -233,8 +273,7 @@ def render(data: dict[str, Any], profile: str | None) -> str:
         "## Goals (issue 2)\n",
         common.markdown_table(["goal", "target", "measured", "result"], goal_rows),
         "## Every run\n",
-        common.markdown_table(["variant", "wall (s), in round order", "peak RSS (MiB)"],
-                              per_run),
+        common.markdown_table(["variant", "wall (s), in round order", "peak RSS (MiB)"], per_run),
         "![median wall time and peak RSS](fetch.png)\n",
     ]
     if profile:
@@ -244,6 +283,7 @@ def render(data: dict[str, Any], profile: str | None) -> str:
 
 def plot(data: dict[str, Any]) -> Path:
     labels = [v.label for v in VARIANTS]
+    keys = [v.key for v in VARIANTS]
     med, runs = data["medians"], data["runs"]
     return common.plot_bars(
         common.RESULTS / f"{NAME}.png",
@@ -251,23 +291,24 @@ def plot(data: dict[str, Any]) -> Path:
         f"median of {data['rounds']} ({data['date'][:10]})",
         labels,
         [
-            ("wall time (s)", [med[v.key]["wall_s"] for v in VARIANTS],
-             [[r.wall_s for r in runs[v.key]] for v in VARIANTS], None),
-            ("peak RSS (MiB)", [med[v.key]["maxrss_mib"] for v in VARIANTS],
-             [[r.maxrss_mib for r in runs[v.key]] for v in VARIANTS], GOAL_RSS_MIB),
+            ("wall time (s)", *common.run_panel(keys, med, runs, "wall_s"), None),
+            ("peak RSS (MiB)", *common.run_panel(keys, med, runs, "maxrss_mib"), GOAL_RSS_MIB),
         ],
     )
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks fetch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(NAME, __doc__)
     p.add_argument("--rounds", type=int, default=5, help="rounds (default 5; goals need ≥ 5)")
     p.add_argument("--size", type=parse_size, default=GiB, help="blob size (default 1GiB)")
-    p.add_argument("--verify-all", action="store_true",
-                   help="hash every peer output, not only round 1's")
-    p.add_argument("--no-write", action="store_true",
-                   help="print only; leave benchmarks/results/ alone (for quick tries)")
+    p.add_argument(
+        "--verify-all", action="store_true", help="hash every peer output, not only round 1's"
+    )
+    p.add_argument(
+        "--no-write",
+        action="store_true",
+        help="print only; leave benchmarks/results/ alone (for quick tries)",
+    )
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be ≥ 1")
@@ -276,11 +317,4 @@ def main(argv: list[str]) -> int:
     # A hand-written profile note (results/fetch.profile.md) survives re-runs.
     note = common.RESULTS / f"{NAME}.profile.md"
     text = render(data, note.read_text() if note.exists() else None)
-    if args.no_write:
-        print(text)
-        return 0
-    md, js = common.write_results(NAME, text, data)
-    png = plot(data)
-    print(text)
-    print(f"wrote {md}, {js}, {png}")
-    return 0
+    return common.finish(NAME, text, data, plot, no_write=args.no_write)

@@ -15,12 +15,9 @@ Goal (issue 4): resumer's median wall time ≤ 0.8× skopeo's.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +30,6 @@ GOAL_RATIO = 0.8  # resumer / skopeo wall time
 #: Uncompressed sizes of the four layers; gzip makes them ~2.9× smaller (~200 MiB in all).
 LAYER_SIZES = (240 * MiB, 160 * MiB, 120 * MiB, 60 * MiB)
 REPO, TAG = "bench/app", "v1"
-
-
-def _resumer_bin() -> list[str]:
-    exe = Path(sys.executable).parent / "resumer"
-    fallback = [sys.executable, "-c", "import sys; from resumer.cli import main; sys.exit(main())"]
-    return [str(exe)] if exe.exists() else fallback
 
 
 def build_layout(work: Path) -> tuple[Path, dict[str, Any]]:
@@ -72,17 +63,11 @@ def build_layout(work: Path) -> tuple[Path, dict[str, Any]]:
     return layout, info
 
 
-def _clear(scratch: Path) -> None:
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    os.sync()
-
-
 def _variants(host: str, scratch: Path) -> dict[str, list[str]]:
     ref = f"{host}/{REPO}:{TAG}"
     return {
         "resumer": [
-            *_resumer_bin(),
+            *common.resumer_bin(),
             "pull",
             ref,
             "--root",
@@ -132,9 +117,8 @@ def measure(rounds: int) -> dict[str, Any]:
             f"oci:{layout}:{TAG}", f"docker://{registry.host}/{REPO}:{TAG}", "--preserve-digests"
         )
         for r in range(rounds):
-            order = ["resumer", "skopeo"] if r % 2 == 0 else ["skopeo", "resumer"]
-            for key in order:
-                _clear(scratch)
+            for key in common.rotated(["resumer", "skopeo"], r):
+                common.fresh_dir(scratch, sync=True)
                 argv = _variants(registry.host, scratch)[key]
                 run = common.time_child(argv, cwd=scratch)
                 _check(key, scratch, info["manifest_digest"])
@@ -144,7 +128,7 @@ def measure(rounds: int) -> dict[str, Any]:
                     f"{run.maxrss_mib:6.1f} MiB",
                     flush=True,
                 )
-        _clear(scratch)
+        common.fresh_dir(scratch, sync=True)
         version = subprocess.run(
             ["skopeo", "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
@@ -165,26 +149,17 @@ def measure(rounds: int) -> dict[str, Any]:
 def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
     runs: dict[str, list[Run]] = measured["runs"]
     size = measured["image"]["compressed_bytes"]
-    med = {
-        k: {
-            "wall_s": common.median([r.wall_s for r in rs]),
-            "maxrss_mib": common.median([r.maxrss_mib for r in rs]),
-            "user_s": common.median([r.user_s for r in rs]),
-            "sys_s": common.median([r.sys_s for r in rs]),
-            "mb_per_s": size / 1e6 / common.median([r.wall_s for r in rs]),
-        }
-        for k, rs in runs.items()
-    }
+    med = common.run_medians(runs, size)
     ratio = med["resumer"]["wall_s"] / med["skopeo"]["wall_s"]
     return {
-        "benchmark": NAME,
-        "date": common.now_utc(),
-        "machine": common.machine(),
-        "versions": {
-            **common.peer_versions(),
-            "skopeo": measured["skopeo"],
-            "docker-registry": measured["registry"],
-        },
+        **common.stamp(
+            NAME,
+            {
+                **common.peer_versions(),
+                "skopeo": measured["skopeo"],
+                "docker-registry": measured["registry"],
+            },
+        ),
         "image": measured["image"],
         "server": f"docker-registry serve, filesystem storage, on {measured['host']}",
         "rounds": rounds,
@@ -232,8 +207,7 @@ def render(data: dict[str, Any], profile: str | None) -> str:
         f"({layers}; {img['compressed_bytes'] / MiB:.1f} MiB compressed, "
         f"{img['uncompressed_bytes'] / MiB:.0f} MiB uncompressed, source-code-like text "
         f"from `resumer.lab.images`, seed {SEED}), served by {data['server']}.\n",
-        f"- **Machine:** {m['nproc']} CPUs, {m['cpu']}, {m['memory_gib']} GiB RAM, "
-        f"Linux {m['kernel']}, Python {m['python']}.",
+        common.machine_line(m),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}), "
         f"aiohttp {ver['aiohttp']}; {ver['skopeo']}; {ver['docker-registry']}.",
         f"- **Method:** {data['method']}.",
@@ -278,28 +252,14 @@ def plot(data: dict[str, Any]) -> Path:
         f"loopback, median of {data['rounds']} ({data['date'][:10]})",
         keys,
         [
-            (
-                "wall time (s)",
-                [med[k]["wall_s"] for k in keys],
-                [[r.wall_s for r in runs[k]] for k in keys],
-                goal,
-            ),
-            (
-                "peak RSS (MiB)",
-                [med[k]["maxrss_mib"] for k in keys],
-                [[r.maxrss_mib for r in runs[k]] for k in keys],
-                None,
-            ),
+            ("wall time (s)", *common.run_panel(keys, med, runs, "wall_s"), goal),
+            ("peak RSS (MiB)", *common.run_panel(keys, med, runs, "maxrss_mib"), None),
         ],
     )
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks pull",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = common.parser(NAME, __doc__)
     p.add_argument("--rounds", type=int, default=5, help="rounds (default 5; the goal needs ≥ 5)")
     p.add_argument(
         "--no-write", action="store_true", help="print only; leave benchmarks/results/ alone"
@@ -311,11 +271,4 @@ def main(argv: list[str]) -> int:
     # A hand-written profile note (results/pull.profile.md) survives re-runs.
     note = common.RESULTS / f"{NAME}.profile.md"
     text = render(data, note.read_text() if note.exists() else None)
-    if args.no_write:
-        print(text)
-        return 0
-    md, js = common.write_results(NAME, text, data)
-    png = plot(data)
-    print(text)
-    print(f"wrote {md}, {js}, {png}")
-    return 0
+    return common.finish(NAME, text, data, plot, no_write=args.no_write)

@@ -31,8 +31,12 @@ def headline(markdown: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parts = ["# Benchmark summary\n", "Gathered from the files beside this one; each names its "
-             "machine, seed, peer versions and method.\n"]
+    common.parser("summary", __doc__).parse_args(argv)  # no options; answers --help
+    parts = [
+        "# Benchmark summary\n",
+        "Gathered from the files beside this one; each names its "
+        "machine, seed, peer versions and method.\n",
+    ]
     for name in ORDER:
         path = common.RESULTS / f"{name}.md"
         if path.exists():
