@@ -252,8 +252,10 @@ class Layout:
     async def add_image(
         self, descriptor: dict[str, Any], *, ref_name: str, image_name: str
     ) -> None:
-        """Record a manifest or index descriptor as ``ref_name``, replacing that ref.
+        """Record a manifest or index descriptor named ``image_name`` (tag ``ref_name``).
 
+        An entry for the same full image name is replaced; other images keep theirs even
+        when they share the tag (``a/x:latest`` and ``b/y:latest`` live side by side).
         The manifest blob must already be here (``StoreError`` otherwise): an entry in
         index.json promises its content, so blobs are stored first, the entry last.
         """
@@ -263,24 +265,33 @@ class Layout:
         annotations[IMAGE_NAME] = image_name
         entry["annotations"] = annotations
         async with _index_lock(self.path):
-            await asyncio.to_thread(self._replace_entry, entry, ref_name)
+            await asyncio.to_thread(self._replace_entry, entry, ref_name, image_name)
 
-    def _replace_entry(self, entry: dict[str, Any], ref_name: str) -> None:
+    def _replace_entry(self, entry: dict[str, Any], ref_name: str, image_name: str) -> None:
         if not self.has_blob(entry["digest"], entry["size"]):
             raise StoreError(
                 f"cannot tag {ref_name} in {self.path}: blob {entry['digest']} "
                 f"({entry['size']} bytes) is not in the layout"
             )
         index = self.read_index()
-        manifests = [
-            m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != ref_name
-        ]
+        manifests = [m for m in index["manifests"] if not _names(m, ref_name, image_name)]
         manifests.append(entry)
         index["manifests"] = manifests
         try:
             _write_atomic(self.index_path, _dump_index(index))
         except OSError as exc:
             raise StoreError(f"cannot write {self.index_path}: {exc}") from exc
+
+
+def _names(entry: dict[str, Any], ref_name: str, image_name: str) -> bool:
+    """Whether ``entry`` is the one an image named ``image_name`` replaces.
+
+    Entries written by others may lack the full name: then the tag decides, as before.
+    """
+    annotations = entry.get("annotations") or {}
+    if IMAGE_NAME in annotations:
+        return bool(annotations[IMAGE_NAME] == image_name)
+    return bool(annotations.get(REF_NAME) == ref_name)
 
 
 def _empty_index() -> dict[str, Any]:

@@ -234,3 +234,22 @@ async def test_skopeo_reads_a_layout_written_by_layout(layout: Layout, tmp_path:
     await asyncio.to_thread(
         skopeo_copy, f"oci:{layout.path}:multi", f"oci:{tmp_path / 'copy'}:multi", "--all"
     )
+
+
+async def test_images_with_the_same_tag_from_two_repositories_live_side_by_side(
+    layout: Layout, tmp_path: Path
+) -> None:
+    a = build_image(tmp_path / "b", SMALL, seed=1)
+    b = build_image(tmp_path / "b", SMALL, seed=2)
+    await store(layout, a, "latest", "reg.example/a:latest")
+    await store(layout, b, "latest", "reg.example/b:latest")
+    assert {e.image_name: e.digest for e in layout.images()} == {
+        "reg.example/a:latest": a.manifest_digest,
+        "reg.example/b:latest": b.manifest_digest,
+    }
+    # Pulling a again (the tag moved) replaces a's entry only.
+    await store(layout, b, "latest", "reg.example/a:latest")
+    assert {e.image_name: e.digest for e in layout.images()} == {
+        "reg.example/a:latest": b.manifest_digest,
+        "reg.example/b:latest": b.manifest_digest,
+    }
