@@ -38,7 +38,6 @@ from .store import Store, TransferState
 
 log = logging.getLogger(__name__)
 
-_READ = 1 << 20
 #: batches in the writer thread's queue at once
 _MAX_INFLIGHT = 2  # more reads faster but a kill loses what is queued
 #: how many checkpoint intervals the data may run ahead of the last fdatasync
@@ -185,6 +184,7 @@ class Partial:
         self.offset = 0  # bytes accepted (written or queued to be written)
         self.durable = 0  # bytes known to be fdatasync'd
         self.resumed_from = 0  # offset found valid on open
+        self._resumed_in_run = False  # set by mark_resumed
         self._cfg = ingest.config
         self._store = ingest.store
         self._clock = ingest.clock
@@ -639,10 +639,8 @@ class Partial:
         await self._store.finish_transfer(self.key, TransferState.COMMITTED, digest=expected)
         return dest
 
-    #: set by the transfer loop when an attempt in this run continued from an offset > 0
-    _resumed_in_run = False
-
     def mark_resumed(self) -> None:
+        """An attempt in this run continued from an offset > 0 (Docker's mismatch rule)."""
         self._resumed_in_run = True
 
 
