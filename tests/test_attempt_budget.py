@@ -19,11 +19,10 @@ from hypothesis import strategies as st
 from test_helpers_core import (
     Recorder,
     attempt_rows,
-    make_blob,
+    blob_and_digest,
     open_engine,
     range_start,
     serve,
-    sha256,
 )
 
 from resumer import cli
@@ -39,8 +38,7 @@ from resumer.errors import (
 from resumer.retry import LinearDelay
 
 SIZE = 200_000
-DATA = make_blob(SIZE, seed=3)
-DIGEST = sha256(DATA)
+DATA, DIGEST = blob_and_digest(SIZE, seed=3)
 N = 80_000
 FAILURES = [500, 503, 429, 408, 502, 504]
 
@@ -56,8 +54,10 @@ def gaps(times: list[float]) -> list[float]:
 async def test_success_within_the_budget(tmp_path: Path, failures: int) -> None:
     clock = FakeClock()
     script = [status(FAILURES[i]) for i in range(failures)]
-    async with serve({"b": DATA}, script, clock=clock) as srv, \
-            open_engine(tmp_path / "root", clock, max_download_attempts=5) as eng:
+    async with (
+        serve({"b": DATA}, script, clock=clock) as srv,
+        open_engine(tmp_path / "root", clock, max_download_attempts=5) as eng,
+    ):
         result = await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert (tmp_path / "out").read_bytes() == DATA
         assert result.attempts == failures + 1
@@ -78,8 +78,10 @@ async def test_failure_after_exactly_n_attempts_names_blob_n_and_last_cause(
     # The last failure differs from the others, so the error must name the last one; and
     # the server would answer honestly afterwards, so the budget alone stops the run.
     script = [status(500)] * (budget - 1) + [status(503)]
-    async with serve({"b": DATA}, script, clock=clock) as srv, \
-            open_engine(tmp_path / "root", clock, max_download_attempts=budget) as eng:
+    async with (
+        serve({"b": DATA}, script, clock=clock) as srv,
+        open_engine(tmp_path / "root", clock, max_download_attempts=budget) as eng,
+    ):
         with pytest.raises(BudgetExhaustedError) as info:
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert len(srv.requests) == budget
@@ -97,8 +99,10 @@ async def test_failure_after_exactly_n_attempts_names_blob_n_and_last_cause(
 
 async def test_budget_of_one_means_no_retry(tmp_path: Path) -> None:
     clock = FakeClock()
-    async with serve({"b": DATA}, [stall(N)]) as srv, \
-            open_engine(tmp_path / "root", clock, max_download_attempts=1) as eng:
+    async with (
+        serve({"b": DATA}, [stall(N)]) as srv,
+        open_engine(tmp_path / "root", clock, max_download_attempts=1) as eng,
+    ):
         with pytest.raises(BudgetExhaustedError) as info:
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert len(srv.requests) == 1
@@ -108,8 +112,10 @@ async def test_budget_of_one_means_no_retry(tmp_path: Path) -> None:
 
 
 async def test_a_resumed_attempt_counts_like_any_other(tmp_path: Path) -> None:
-    async with serve({"b": DATA}, [stall(N), status(500)]) as srv, \
-            open_engine(tmp_path / "root", max_download_attempts=2) as eng:
+    async with (
+        serve({"b": DATA}, [stall(N), status(500)]) as srv,
+        open_engine(tmp_path / "root", max_download_attempts=2) as eng,
+    ):
         with pytest.raises(BudgetExhaustedError):
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert [range_start(r.headers) for r in srv.requests] == [None, N]
@@ -122,8 +128,17 @@ def test_a_budget_below_one_is_refused_with_a_clear_message(value: int) -> None:
 
 
 def _cli_fetch_argv(tmp_path: Path, *extra: str) -> list[str]:
-    return ["fetch", "http://127.0.0.1:9/b", "--digest", DIGEST, "-o", str(tmp_path / "out"),
-            "--root", str(tmp_path / "root"), *extra]
+    return [
+        "fetch",
+        "http://127.0.0.1:9/b",
+        "--digest",
+        DIGEST,
+        "-o",
+        str(tmp_path / "out"),
+        "--root",
+        str(tmp_path / "root"),
+        *extra,
+    ]
 
 
 def test_cli_refuses_max_download_attempts_0_with_exit_2(
@@ -153,10 +168,11 @@ def test_cli_refuses_a_zero_budget_from_the_config_file_and_environment(
 async def test_delay_sequence_is_5_10_15_seconds_counted_down(tmp_path: Path) -> None:
     clock = FakeClock()
     events = Recorder()
-    async with serve({"b": DATA}, [status(500)] * 3, clock=clock) as srv, \
-            open_engine(tmp_path / "root", clock) as eng:
-        await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out",
-                        on_progress=events)
+    async with (
+        serve({"b": DATA}, [status(500)] * 3, clock=clock) as srv,
+        open_engine(tmp_path / "root", clock) as eng,
+    ):
+        await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out", on_progress=events)
     assert gaps(srv.times) == [5.0, 10.0, 15.0]
     # A countdown of whole seconds, like docker's "Retrying in N seconds".
     assert clock.sleeps == [1.0] * 30
@@ -173,8 +189,10 @@ async def test_custom_retry_delay_is_the_step_of_the_linear_delay(
 ) -> None:
     clock = FakeClock()
     root = tmp_path_factory.mktemp("delay")
-    async with serve({"b": DATA}, [status(500)] * failures, clock=clock) as srv, \
-            open_engine(root, clock, retry_delay=step) as eng:
+    async with (
+        serve({"b": DATA}, [status(500)] * failures, clock=clock) as srv,
+        open_engine(root, clock, retry_delay=step) as eng,
+    ):
         await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=root / "out")
     assert gaps(srv.times) == [n * step for n in range(1, failures + 1)]
     assert sum(clock.sleeps) == sum(n * step for n in range(1, failures + 1))
@@ -183,10 +201,11 @@ async def test_custom_retry_delay_is_the_step_of_the_linear_delay(
 
 async def test_progress_shows_the_countdown_and_where_it_resumes(tmp_path: Path) -> None:
     events = Recorder()
-    async with serve({"b": DATA}, [stall(N), status(500)]) as srv, \
-            open_engine(tmp_path / "root") as eng:
-        await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out",
-                        on_progress=events)
+    async with (
+        serve({"b": DATA}, [stall(N), status(500)]) as srv,
+        open_engine(tmp_path / "root") as eng,
+    ):
+        await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out", on_progress=events)
     texts = events.texts()
     assert texts.count(f"Resuming from {N}") == 2  # the 500 attempt and the last one
     assert texts.index("Retrying in 5 seconds") < texts.index(f"Resuming from {N}")
@@ -199,7 +218,7 @@ async def test_progress_shows_the_countdown_and_where_it_resumes(tmp_path: Path)
 
 
 def _corrupt(data: bytes, at: int) -> bytes:
-    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
 async def test_digest_mismatch_from_byte_zero_is_not_retried(tmp_path: Path) -> None:
@@ -238,8 +257,10 @@ async def test_digest_mismatch_after_a_resume_truncates_and_retries_from_zero(
         if n == 2:
             server.blobs["b"] = DATA
 
-    async with serve({"b": bad}, [stall(N)], before=mirror_fixed) as srv, \
-            open_engine(tmp_path / "root") as eng:
+    async with (
+        serve({"b": bad}, [stall(N)], before=mirror_fixed) as srv,
+        open_engine(tmp_path / "root") as eng,
+    ):
         result = await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert [range_start(r.headers) for r in srv.requests] == [None, N, None]
         rows = await attempt_rows(eng)

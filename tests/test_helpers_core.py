@@ -7,8 +7,10 @@ can be refreshed, and readers for what a root holds at rest.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -39,6 +41,12 @@ def make_blob(size: int, seed: int = 0) -> bytes:
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob_and_digest(size: int, seed: int) -> tuple[bytes, str]:
+    """A test module's blob: ``size`` seeded random bytes, and their digest."""
+    data = make_blob(size, seed)
+    return data, sha256(data)
 
 
 def config(**changes: object) -> Config:
@@ -163,3 +171,20 @@ async def open_engine(
     """An Engine on ``root`` with the test Config and a FakeClock (no real retry delays)."""
     async with Engine.open(root, config(**changes), clock=clock or FakeClock()) as engine:
         yield engine
+
+
+async def run_cli_child(*args: str) -> tuple[int, str, str]:
+    """``python -m resumer.cli ARGS`` as a child: (exit code, stdout, stderr), within 60 s."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resumer.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

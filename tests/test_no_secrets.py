@@ -9,10 +9,7 @@ it was talking to, so a leak has every chance to show.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +17,18 @@ from badserver import Behaviour, stall, status
 from test_helpers_core import (
     TokenSource,
     attempt_rows,
+    blob_and_digest,
     bytes_at_rest,
-    make_blob,
     open_engine,
+    run_cli_child,
     serve,
-    sha256,
 )
 
 from resumer.errors import BudgetExhaustedError
 from resumer.transfer import BlobRequest
 
 SIZE = 150_000
-DATA = make_blob(SIZE, seed=4)
-DIGEST = sha256(DATA)
+DATA, DIGEST = blob_and_digest(SIZE, seed=4)
 N = 50_000
 
 SECRETS = ("AUTHSECRET", "ORIGINSECRET", "REDIRECTSECRET", "CREDSECRET", "X-Amz-Signature")
@@ -61,8 +57,10 @@ async def test_library_keeps_tokens_and_signed_urls_out_of_the_database_and_logs
 ) -> None:
     caplog.set_level(logging.DEBUG)
     root = tmp_path / "root"
-    async with serve({"b": DATA}, [stall(N), Behaviour("wrong-range"), status(500)]) as storage, \
-            serve({"b": DATA}) as origin:
+    async with (
+        serve({"b": DATA}, [stall(N), Behaviour("wrong-range"), status(500)]) as storage,
+        serve({"b": DATA}) as origin,
+    ):
         origin.script = [
             status(401),  # refresh the token once
             Behaviour("redirect", location=signed(f"http://127.0.0.1:{dead_port()}")),
@@ -95,31 +93,22 @@ async def test_a_failed_fetch_keeps_secrets_out_of_its_error_and_the_database(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     root = tmp_path / "root"
-    async with serve({"b": DATA}, [stall(N), status(503)]) as storage, \
-            serve({"b": DATA}) as origin:
+    async with serve({"b": DATA}, [stall(N), status(503)]) as storage, serve({"b": DATA}) as origin:
         origin.script = [Behaviour("redirect", location=signed(storage.url))] * 2
         async with open_engine(root, max_download_attempts=2) as eng:
             with pytest.raises(BudgetExhaustedError) as info:
-                await eng.fetch(f"{origin.url}/b?access=ORIGINSECRET", digest=DIGEST,
-                                dest=tmp_path / "out", headers={"Authorization": "AUTHSECRET"})
+                await eng.fetch(
+                    f"{origin.url}/b?access=ORIGINSECRET",
+                    digest=DIGEST,
+                    dest=tmp_path / "out",
+                    headers={"Authorization": "AUTHSECRET"},
+                )
             row = await eng.store.transfer(DIGEST)
     assert row is not None and row.last_error and "503" in row.last_error
     assert leaks(row.last_error) == []
     assert leaks(str(info.value)) == [] and "503" in str(info.value)
     assert leaks(bytes_at_rest(root)) == []
     assert leaks(caplog.text) == []
-
-
-async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "resumer.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize("succeeds", [True, False], ids=["success", "budget-exhausted"])
@@ -134,10 +123,24 @@ async def test_cli_verbose_log_and_json_progress_hold_no_secrets(
             *[Behaviour("redirect", location=signed(storage.url))] * 4,
         ]
         attempts = "5" if succeeds else "4"
-        code, out, err = await _cli(
-            "fetch", f"{origin.url}/b?access=ORIGINSECRET", "--digest", DIGEST,
-            "-o", str(tmp_path / "out"), "--root", str(root), "-v", "--progress", "json",
-            "--max-download-attempts", attempts, "--retry-delay", "0", "--stall-timeout", "0.3",
+        code, out, err = await run_cli_child(
+            "fetch",
+            f"{origin.url}/b?access=ORIGINSECRET",
+            "--digest",
+            DIGEST,
+            "-o",
+            str(tmp_path / "out"),
+            "--root",
+            str(root),
+            "-v",
+            "--progress",
+            "json",
+            "--max-download-attempts",
+            attempts,
+            "--retry-delay",
+            "0",
+            "--stall-timeout",
+            "0.3",
         )
     assert code == (0 if succeeds else 1), err
     # The output is rich enough to leak: progress lines, log lines naming each failure.

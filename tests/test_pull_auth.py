@@ -19,16 +19,15 @@ import secrets
 import shutil
 import subprocess
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import test_registry_real
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from conftest import RegistryFactory
+from conftest import RegistryFactory, ServeApp
 from servers import skopeo_copy
 from test_pull_real import (
     assert_readable,
@@ -36,13 +35,16 @@ from test_pull_real import (
     json_lines,
     resumer_cmd,
 )
-from test_registry_real import JwtTokenServer
+from test_registry_real import StartTokens
 
 from resumer.config import Config
 from resumer.engine import Engine
 from resumer.lab.images import BuiltImage, LayerSpec, build_image, write_oci_layout
 
 KiB = 1 << 10
+
+#: The registry tests' token server fixture, shared.
+token_server = test_registry_real.token_server
 
 
 def build(work: Path, seed: int) -> BuiltImage:
@@ -107,35 +109,13 @@ async def run_cli_async(*args: str, env: dict[str, str]) -> tuple[int, str, str]
     return proc.returncode, out.decode(), err.decode()
 
 
-StartTokens = Callable[..., Awaitable[JwtTokenServer]]
-
-
-@pytest.fixture
-async def tokens(tmp_path: Path) -> AsyncIterator[StartTokens]:
-    servers: list[TestServer] = []
-
-    async def start(**kwargs: Any) -> JwtTokenServer:
-        workdir = tmp_path / f"tokens{len(servers)}"
-        workdir.mkdir()
-        ts = JwtTokenServer(workdir, **kwargs)
-        server = TestServer(ts.app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        ts.url = str(server.make_url("")).rstrip("/")
-        return ts
-
-    yield start
-    for server in servers:
-        await server.close()
-
-
 # ---------------------------------------------------------------------- token auth
 
 
 async def test_token_auth_pull_needs_the_credentials_from_docker_config(
-    registry_factory: RegistryFactory, tokens: StartTokens, tmp_path: Path
+    registry_factory: RegistryFactory, token_server: StartTokens, tmp_path: Path
 ) -> None:
-    ts = await tokens(users={"alice": "s3cret"})
+    ts = await token_server(users={"alice": "s3cret"})
     registry = registry_factory(ts.registry_config())
     image = build(tmp_path / "b", seed=91)
     await asyncio.to_thread(
@@ -252,29 +232,14 @@ class Front:
         return resp
 
 
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
-    servers: list[TestServer] = []
-
-    async def start(app: web.Application) -> str:
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
-
-    yield start
-    for server in servers:
-        await server.close()
-
-
 async def test_token_expiring_mid_pull_is_refreshed_once_without_costing_an_attempt(
     registry_factory: RegistryFactory,
-    tokens: StartTokens,
-    serve: Callable[[web.Application], Awaitable[str]],
+    token_server: StartTokens,
+    serve_app: ServeApp,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ts = await tokens()
+    ts = await token_server()
     registry = registry_factory(ts.registry_config())
     image = build(tmp_path / "b", seed=93)
     await asyncio.to_thread(push, image, registry.host, "lab/expiring", tmp_path)
@@ -283,7 +248,7 @@ async def test_token_expiring_mid_pull_is_refreshed_once_without_costing_an_atte
 
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         front = Front(registry.url, session, revoke_after=image.layers[0].digest)
-        front.url = await serve(front.app())
+        front.url = await serve_app(front.app())
         ref = f"{front.url.removeprefix('http://')}/lab/expiring:v1"
         # One download at a time, one attempt per layer: a 401 that cost an attempt would
         # exhaust the budget of the second layer and fail the pull.
@@ -362,7 +327,7 @@ class SignedStorage:
 
 async def test_redirected_blobs_resume_with_range_on_a_fresh_url_and_no_secret_leaks(
     registry_factory: RegistryFactory,
-    serve: Callable[[web.Application], Awaitable[str]],
+    serve_app: ServeApp,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -376,7 +341,7 @@ async def test_redirected_blobs_resume_with_range_on_a_fresh_url_and_no_secret_l
 
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         storage = SignedStorage(registry.url, basic, session, cut_digest=image.layers[0].digest)
-        storage.url = await serve(storage.app())
+        storage.url = await serve_app(storage.app())
         front = Front(registry.url, session)
 
         async def blob(request: web.Request) -> web.StreamResponse:
@@ -392,7 +357,7 @@ async def test_redirected_blobs_resume_with_range_on_a_fresh_url_and_no_secret_l
             location = storage.sign(request.match_info["repo"], request.match_info["digest"])
             return web.Response(status=307, headers={"Location": location})
 
-        front.url = await serve(front.app(blob))
+        front.url = await serve_app(front.app(blob))
         host = front.url.removeprefix("http://")
         monkeypatch.setenv("DOCKER_CONFIG", str(docker_config(tmp_path, host, "carol", "hunter2")))
         ref = f"{host}/lab/signed:v1"

@@ -71,6 +71,21 @@ def run_cli(
     )
 
 
+def pull_cli(
+    reference: str,
+    root: Path,
+    tmp_path: Path,
+    *options: str,
+    dest: Path | None = None,
+    progress: str = "plain",
+) -> subprocess.CompletedProcess[str]:
+    """``resumer pull REFERENCE OPTIONS --root ROOT [--dest DEST] --progress PROGRESS``."""
+    where = ("--root", str(root)) + (("--dest", str(dest)) if dest is not None else ())
+    return run_cli(
+        "pull", reference, *options, *where, "--progress", progress, env=cli_env(tmp_path)
+    )
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -158,17 +173,7 @@ def test_pulled_image_with_gzip_zstd_and_a_repeated_layer_is_readable_by_skopeo(
     pushed = pushed_image(repo="lab/repeat", tag="v1", image=image)
     dest, root = tmp_path / "elsewhere" / "oci", tmp_path / "root"
 
-    done = run_cli(
-        "pull",
-        pushed.reference,
-        "--root",
-        str(root),
-        "--dest",
-        str(dest),
-        "--progress",
-        "plain",
-        env=cli_env(tmp_path),
-    )
+    done = pull_cli(pushed.reference, root, tmp_path, dest=dest)
     assert done.returncode == 0, done.stderr
 
     inspected = assert_readable(dest, "v1", pushed.reference, tmp_path)
@@ -234,15 +239,7 @@ def test_pull_pinned_to_a_digest_the_registry_does_not_serve_fails_cleanly(
 ) -> None:
     pushed = pushed_image(repo="lab/pinned", tag="v1", seed=32)
     wrong = "sha256:" + "0" * 64
-    done = run_cli(
-        "pull",
-        f"{pushed.registry.host}/lab/pinned@{wrong}",
-        "--root",
-        str(tmp_path / "r"),
-        "--progress",
-        "plain",
-        env=cli_env(tmp_path),
-    )
+    done = pull_cli(f"{pushed.registry.host}/lab/pinned@{wrong}", tmp_path / "r", tmp_path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "not found" in done.stderr
@@ -260,18 +257,8 @@ def test_multiplatform_pull_picks_the_requested_platform(
     )
     arm = next(c for c in pushed.image.children if c.platform.architecture == "arm64")
     dest = tmp_path / "oci"
-    done = run_cli(
-        "pull",
-        pushed.reference,
-        "--platform",
-        "linux/arm64/v8",
-        "--root",
-        str(tmp_path / "root"),
-        "--dest",
-        str(dest),
-        "--progress",
-        "plain",
-        env=cli_env(tmp_path),
+    done = pull_cli(
+        pushed.reference, tmp_path / "root", tmp_path, "--platform", "linux/arm64/v8", dest=dest
     )
     assert done.returncode == 0, done.stderr
     # docker pull prints the index digest: that is what the tag points at.
@@ -292,17 +279,7 @@ def test_unavailable_platform_is_a_clear_error_listing_the_platforms(
     pushed_image: PushImage, tmp_path: Path
 ) -> None:
     pushed = pushed_image(repo="lab/multi", tag="v1", multiplatform=True, seed=42)
-    done = run_cli(
-        "pull",
-        pushed.reference,
-        "--platform",
-        "linux/riscv64",
-        "--root",
-        str(tmp_path / "root"),
-        "--progress",
-        "plain",
-        env=cli_env(tmp_path),
-    )
+    done = pull_cli(pushed.reference, tmp_path / "root", tmp_path, "--platform", "linux/riscv64")
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr
     assert "linux/riscv64" in done.stderr
@@ -359,15 +336,7 @@ def test_json_progress_is_dockers_message_stream_ending_with_stats(
         seed=53,
         layers=(LayerSpec(size=2 * MiB, compressible=False), LayerSpec(compression="zstd")),
     )
-    done = run_cli(
-        "pull",
-        pushed.reference,
-        "--root",
-        str(tmp_path / "root"),
-        "--progress",
-        "json",
-        env=cli_env(tmp_path),
-    )
+    done = pull_cli(pushed.reference, tmp_path / "root", tmp_path, progress="json")
     assert done.returncode == 0, done.stderr
     msgs = json_lines(done.stdout)
     ids = {x.digest[7:19] for x in pushed.image.layers}

@@ -13,9 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import ServeApp
 from tokenserver import (
     DOCKER_MANIFEST,
     OCI_INDEX,
+    FakeImage,
     FakeRegistry,
     digest_of,
     dumps,
@@ -36,6 +38,7 @@ from resumer.errors import (
 from resumer.registry import (
     DEMOTION_SECONDS,
     MANIFEST_ACCEPT,
+    RegistryBlobSource,
     RegistryClient,
     host_platform_default,
     parse_challenges,
@@ -43,23 +46,44 @@ from resumer.registry import (
 )
 
 Serve = Callable[[FakeRegistry], Awaitable[str]]
+ServeImage = Callable[..., Awaitable[tuple[FakeRegistry, str, FakeImage]]]
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
+def serve(serve_app: ServeApp) -> Serve:
     """``await serve(fake) -> "127.0.0.1:PORT"``: the fake listens until the test ends."""
-    servers: list[TestServer] = []
 
     async def start(fake: FakeRegistry) -> str:
-        server = TestServer(fake.app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        fake.base_url = str(server.make_url("")).rstrip("/")
-        return f"127.0.0.1:{server.port}"
+        fake.base_url = await serve_app(fake.app)
+        return fake.base_url.removeprefix("http://")
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
+
+
+@pytest.fixture
+def serve_image(serve: Serve) -> ServeImage:
+    """``await serve_image(img=None, **fake_kwargs) -> (fake, host, img)``.
+
+    A served ``FakeRegistry(**fake_kwargs)`` holding ``img`` (``make_image()`` unless given)
+    as ``app:v1``.
+    """
+
+    async def start(
+        img: FakeImage | None = None, **kwargs: Any
+    ) -> tuple[FakeRegistry, str, FakeImage]:
+        fake = FakeRegistry(**kwargs)
+        host = await serve(fake)
+        img = img or make_image()
+        fake.put_image("app", "v1", img)
+        return fake, host, img
+
+    return start
+
+
+async def resolved_source(client: RegistryClient, host: str, digest: str) -> RegistryBlobSource:
+    """The blob source for ``digest`` of ``host``'s app:v1, once the client resolved it."""
+    await client.resolve(f"{host}/app:v1")
+    return client.blob_source(f"{host}/app:v1", digest)
 
 
 @pytest.fixture
@@ -132,12 +156,9 @@ async def test_resolve_sends_accept_for_all_four_manifest_types(
 
 
 async def test_pinned_digest_fetches_by_digest_and_verifies(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry()
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image()
 
     resolved = await make_client().resolve(f"{host}/app:v1@{img.digest}")
     assert fake.requests[0].path == f"/v2/app/manifests/{img.digest}"
@@ -160,11 +181,9 @@ async def test_pinned_digest_mismatch_is_refused(
 
 
 async def test_docker_content_digest_header_mismatch_is_refused(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry()
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image()
     fake.wrong_content_digest = True
 
     with pytest.raises(DigestMismatchError, match="Docker-Content-Digest"):
@@ -172,12 +191,9 @@ async def test_docker_content_digest_header_mismatch_is_refused(
 
 
 async def test_config_blob_with_wrong_content_is_refused(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry()
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image()
     fake.blobs[digest_of(img.config)] = img.config.replace(b"amd64", b"arm64")
 
     with pytest.raises(DigestMismatchError, match="config"):
@@ -323,11 +339,9 @@ async def test_missing_platform_error_lists_the_available_ones(
 
 
 async def test_single_manifest_for_another_platform_is_refused_when_asked_explicitly(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry()
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image(arch="arm64", variant="v8"))
+    _, host, _ = await serve_image(make_image(arch="arm64", variant="v8"))
 
     with pytest.raises(PlatformNotFoundError, match="available: linux/arm64/v8"):
         await make_client().resolve(f"{host}/app:v1", platform="linux/amd64")
@@ -357,15 +371,11 @@ async def test_token_flow_sends_realm_service_and_pull_scope(
 
 
 async def test_cached_token_is_reused_until_near_expiry(
-    serve: Serve, make_client: Callable[..., RegistryClient], clock: FakeClock
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient], clock: FakeClock
 ) -> None:
-    fake = FakeRegistry(auth="bearer", expires_in=300)
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image(auth="bearer", expires_in=300)
     client = make_client()
-    await client.resolve(f"{host}/app:v1")
-    source = client.blob_source(f"{host}/app:v1", digest_of(img.layers[0]))
+    source = await resolved_source(client, host, digest_of(img.layers[0]))
 
     clock.now += 200
     [endpoint] = await source.endpoints()
@@ -379,14 +389,11 @@ async def test_cached_token_is_reused_until_near_expiry(
 
 
 async def test_token_without_expires_in_lives_sixty_seconds(
-    serve: Serve, make_client: Callable[..., RegistryClient], clock: FakeClock
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient], clock: FakeClock
 ) -> None:
-    fake = FakeRegistry(auth="bearer", expires_in=None)
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image(auth="bearer", expires_in=None)
     client = make_client()
-    await client.resolve(f"{host}/app:v1")
-    source = client.blob_source(f"{host}/app:v1", "sha256:" + "a" * 64)
+    source = await resolved_source(client, host, "sha256:" + "a" * 64)
     await source.endpoints()
     assert fake.issued == 1
     clock.now += 50
@@ -395,15 +402,11 @@ async def test_token_without_expires_in_lives_sixty_seconds(
 
 
 async def test_blob_401_refreshes_once_and_a_second_refusal_is_access_denied(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry(auth="bearer")
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image(auth="bearer")
     client = make_client()
-    await client.resolve(f"{host}/app:v1")
-    source = client.blob_source(f"{host}/app:v1", digest_of(img.layers[0]))
+    source = await resolved_source(client, host, digest_of(img.layers[0]))
     [stale] = await source.endpoints()
 
     fake.revoke_tokens()  # the token "expired" mid-pull
@@ -425,11 +428,9 @@ async def test_blob_401_refreshes_once_and_a_second_refusal_is_access_denied(
 
 
 async def test_manifest_refused_after_refresh_is_access_denied(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry(auth="bearer")
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image(auth="bearer")
     # Tokens are issued but the registry never accepts them (wrong scope, revoked user…).
     fake.valid_tokens = _NeverValid()
 
@@ -446,15 +447,11 @@ class _NeverValid(set[str]):
 
 
 async def test_concurrent_401s_share_one_refresh(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry(auth="bearer")
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image(auth="bearer")
     client = make_client()
-    await client.resolve(f"{host}/app:v1")
-    a = client.blob_source(f"{host}/app:v1", digest_of(img.layers[0]))
+    a = await resolved_source(client, host, digest_of(img.layers[0]))
     b = client.blob_source(f"{host}/app:v1", digest_of(img.layers[1]))
     [ea], [eb] = await a.endpoints(), await b.endpoints()
     challenge = f'Bearer realm="{fake.base_url}/token",service="fake-registry"'
@@ -469,16 +466,13 @@ async def test_concurrent_401s_share_one_refresh(
 
 
 async def test_basic_auth_from_docker_config_env(
-    serve: Serve,
+    serve_image: ServeImage,
     session: aiohttp.ClientSession,
     clock: FakeClock,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fake = FakeRegistry(auth="basic", users={"alice": "pa:ss"})
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image(auth="basic", users={"alice": "pa:ss"})
     conf = tmp_path / "dockercfg"
     conf.mkdir()
     encoded = base64.b64encode(b"alice:pa:ss").decode()
@@ -495,22 +489,18 @@ async def test_basic_auth_from_docker_config_env(
 
 
 async def test_basic_challenge_without_credentials_is_access_denied(
-    serve: Serve, make_client: Callable[..., RegistryClient]
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient]
 ) -> None:
-    fake = FakeRegistry(auth="basic", users={"alice": "x"})
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    _, host, _ = await serve_image(auth="basic", users={"alice": "x"})
 
     with pytest.raises(AccessDeniedError):
         await make_client().resolve(f"{host}/app:v1")
 
 
 async def test_credentials_go_to_the_token_server(
-    serve: Serve, make_client: Callable[..., RegistryClient], docker_config: Path
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient], docker_config: Path
 ) -> None:
-    fake = FakeRegistry(auth="bearer", users={"bob": "hunter2"})
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image(auth="bearer", users={"bob": "hunter2"})
     write_docker_config(docker_config, {host: {"username": "bob", "password": "hunter2"}})
 
     await make_client().resolve(f"{host}/app:v1")
@@ -521,11 +511,9 @@ async def test_credentials_go_to_the_token_server(
 
 
 async def test_identity_token_uses_the_oauth2_refresh_grant(
-    serve: Serve, make_client: Callable[..., RegistryClient], docker_config: Path
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient], docker_config: Path
 ) -> None:
-    fake = FakeRegistry(auth="bearer", refresh_tokens={"identity-xyz": "bob"})
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image(auth="bearer", refresh_tokens={"identity-xyz": "bob"})
     write_docker_config(docker_config, {host: {"auth": "", "identitytoken": "identity-xyz"}})
 
     await make_client().resolve(f"{host}/app:v1")
@@ -538,22 +526,18 @@ async def test_identity_token_uses_the_oauth2_refresh_grant(
 
 
 async def test_no_token_or_password_reaches_the_logs(
-    serve: Serve,
+    serve_image: ServeImage,
     make_client: Callable[..., RegistryClient],
     docker_config: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fake = FakeRegistry(auth="bearer", users={"bob": "hunter2"})
-    host = await serve(fake)
-    img = make_image()
-    fake.put_image("app", "v1", img)
+    fake, host, img = await serve_image(auth="bearer", users={"bob": "hunter2"})
     write_docker_config(docker_config, {host: {"username": "bob", "password": "hunter2"}})
     fake.failures["/v2/app/manifests/v1"] = [(503, {"Retry-After": "1"})]
     caplog.set_level(logging.DEBUG)
 
     client = make_client()
-    await client.resolve(f"{host}/app:v1")
-    source = client.blob_source(f"{host}/app:v1", digest_of(img.layers[0]))
+    source = await resolved_source(client, host, digest_of(img.layers[0]))
     [endpoint] = await source.endpoints()
     fake.revoke_tokens()
     await source.refresh_auth(endpoint, f'Bearer realm="{fake.base_url}/token"')
@@ -572,11 +556,9 @@ async def test_no_token_or_password_reaches_the_logs(
 
 
 async def test_transient_errors_are_retried_with_the_injected_clock(
-    serve: Serve, make_client: Callable[..., RegistryClient], clock: FakeClock
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient], clock: FakeClock
 ) -> None:
-    fake = FakeRegistry()
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image()
     fake.failures["/v2/app/manifests/v1"] = [(503, {"Retry-After": "12"}), (429, {})]
 
     await make_client(Config(retry_delay=5)).resolve(f"{host}/app:v1")
@@ -585,11 +567,9 @@ async def test_transient_errors_are_retried_with_the_injected_clock(
 
 
 async def test_transient_errors_give_up_after_a_few_tries(
-    serve: Serve, make_client: Callable[..., RegistryClient], clock: FakeClock
+    serve_image: ServeImage, make_client: Callable[..., RegistryClient], clock: FakeClock
 ) -> None:
-    fake = FakeRegistry()
-    host = await serve(fake)
-    fake.put_image("app", "v1", make_image())
+    fake, host, _ = await serve_image()
     fake.failures["/v2/app/manifests/v1"] = [(500, {})] * 5
 
     with pytest.raises(ServerError, match="HTTP 500") as info:

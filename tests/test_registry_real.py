@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,8 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from conftest import PushImage, RegistryFactory, require
+from conftest import PushImage, RegistryFactory, ServeApp, require
 from servers import SKOPEO_BIN, Registry, skopeo_copy
 
 from resumer.clock import FakeClock
@@ -228,23 +227,24 @@ class JwtTokenServer:
         return web.json_response({"token": token, "expires_in": self.expires_in})
 
 
+StartTokens = Callable[..., Awaitable[JwtTokenServer]]
+
+
 @pytest.fixture
-async def token_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    servers: list[TestServer] = []
+def token_server(tmp_path: Path, serve_app: ServeApp) -> StartTokens:
+    """``await token_server(**kwargs) -> JwtTokenServer``, listening until the test ends."""
+    started = 0
 
     async def start(**kwargs: Any) -> JwtTokenServer:
-        workdir = tmp_path / f"tokens{len(servers)}"
+        nonlocal started
+        workdir = tmp_path / f"tokens{started}"
+        started += 1
         workdir.mkdir()
         ts = JwtTokenServer(workdir, **kwargs)
-        server = TestServer(ts.app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        ts.url = str(server.make_url("")).rstrip("/")
+        ts.url = await serve_app(ts.app)
         return ts
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 def push(registry_host: str, repo: str, tag: str, workdir: Path, *extra: str) -> Any:
@@ -257,7 +257,7 @@ def push(registry_host: str, repo: str, tag: str, workdir: Path, *extra: str) ->
 
 async def test_anonymous_token_auth_against_the_real_registry(
     registry_factory: RegistryFactory,
-    token_server: Callable[..., Any],
+    token_server: StartTokens,
     make_client: Callable[..., RegistryClient],
     tmp_path: Path,
 ) -> None:
@@ -284,7 +284,7 @@ async def test_anonymous_token_auth_against_the_real_registry(
 
 async def test_credentialed_token_auth_uses_docker_config(
     registry_factory: RegistryFactory,
-    token_server: Callable[..., Any],
+    token_server: StartTokens,
     make_client: Callable[..., RegistryClient],
     tmp_path: Path,
 ) -> None:

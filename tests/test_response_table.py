@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
-import os
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -24,9 +22,11 @@ from test_helpers_core import (
     CHUNK,
     TokenSource,
     attempt_rows,
+    blob_and_digest,
     make_blob,
     open_engine,
     range_start,
+    run_cli_child,
     serve,
     sha256,
 )
@@ -39,9 +39,9 @@ from resumer.store import Store
 from resumer.transfer import BlobRequest
 
 SIZE = 300_000
-DATA = make_blob(SIZE, seed=2)
-DIGEST = sha256(DATA)
+DATA, DIGEST = blob_and_digest(SIZE, seed=2)
 N = 100_000  # where a first attempt is interrupted
+
 
 async def fetch_ok(engine, srv, dest: Path, *, name: str = "b", **kw):
     result = await engine.fetch(f"{srv.url}/{name}", digest=srv.digest(name), dest=dest, **kw)
@@ -66,14 +66,19 @@ async def test_resumed_request_sends_range_and_identity_then_appends(tmp_path: P
         assert srv.bytes_served == SIZE
         rows = await attempt_rows(eng)
         assert [(r.http_status, r.start_offset, r.end_offset) for r in rows] == [
-            (200, 0, N), (206, N, SIZE)]
+            (200, 0, N),
+            (206, N, SIZE),
+        ]
         assert result.stats.resumes == 1 and result.stats.wasted_bytes == 0
 
 
-@pytest.mark.parametrize("interrupt", [
-    pytest.param(cut, id="reset"),
-    pytest.param(stall, id="stall"),
-])
+@pytest.mark.parametrize(
+    "interrupt",
+    [
+        pytest.param(cut, id="reset"),
+        pytest.param(stall, id="stall"),
+    ],
+)
 async def test_interrupted_body_is_transient_and_resumes_from_the_bytes_received(
     tmp_path: Path, interrupt
 ) -> None:
@@ -89,9 +94,12 @@ async def test_interrupted_body_is_transient_and_resumes_from_the_bytes_received
 
 async def test_below_the_low_speed_limit_is_a_stall_and_resumes(tmp_path: Path) -> None:
     # No stall timeout at all: only the low-speed rule can end the silent attempt.
-    async with serve({"b": DATA}, [stall(N)]) as srv, open_engine(
-        tmp_path / "root", stall_timeout=0, low_speed_limit=1000, low_speed_time=0.3
-    ) as eng:
+    async with (
+        serve({"b": DATA}, [stall(N)]) as srv,
+        open_engine(
+            tmp_path / "root", stall_timeout=0, low_speed_limit=1000, low_speed_time=0.3
+        ) as eng,
+    ):
         async with asyncio.timeout(20):
             await fetch_ok(eng, srv, tmp_path / "out")
         first = (await attempt_rows(eng))[0]
@@ -101,8 +109,10 @@ async def test_below_the_low_speed_limit_is_a_stall_and_resumes(tmp_path: Path) 
 
 def _run_cuts(offsets: list[int], root: Path) -> tuple[list[int | None], list[int], bytes]:
     async def go() -> tuple[list[int | None], list[int], bytes]:
-        async with serve({"b": DATA}, [cut(o) for o in offsets]) as srv, \
-                open_engine(root, max_download_attempts=len(offsets) + 1) as eng:
+        async with (
+            serve({"b": DATA}, [cut(o) for o in offsets]) as srv,
+            open_engine(root, max_download_attempts=len(offsets) + 1) as eng,
+        ):
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=root / "out")
             rows = await attempt_rows(eng)
             starts = [range_start(r.headers) for r in srv.requests]
@@ -192,7 +202,8 @@ async def test_416_at_the_expected_size_commits_without_downloading(
         async with asyncio.timeout(10):
             result = await fetch_ok(eng, srv, tmp_path / "out")
         assert [(r.status, r.headers.get("Range")) for r in srv.requests] == [
-            (416, f"bytes={SIZE}-")]
+            (416, f"bytes={SIZE}-")
+        ]
         assert srv.bytes_served == 0
         (row,) = await attempt_rows(eng)
         assert (row.http_status, row.error, row.wire_bytes) == (416, None, 0)
@@ -226,23 +237,38 @@ async def test_401_refreshes_the_token_once_and_is_not_counted_as_an_attempt(
     tmp_path: Path,
 ) -> None:
     clock = FakeClock()
-    async with serve({"b": DATA}, [status(401)]) as srv, \
-            open_engine(tmp_path / "root", clock, max_download_attempts=1) as eng:
+    async with (
+        serve({"b": DATA}, [status(401)]) as srv,
+        open_engine(tmp_path / "root", clock, max_download_attempts=1) as eng,
+    ):
         source = TokenSource(f"{srv.url}/b")
         result = await _fetch_with(eng, source)
         assert result.path.read_bytes() == DATA
         assert source.refresh_calls == 1
         assert [r.headers.get("Authorization") for r in srv.requests] == [
-            "Bearer tok-1", "Bearer tok-2"]
+            "Bearer tok-1",
+            "Bearer tok-2",
+        ]
         # With a budget of one attempt, the download still ran: the 401 cost none.
         assert result.attempts == 1
         assert clock.sleeps == []
 
 
-async def test_401_again_after_a_refresh_is_access_denied_without_retry(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param([status(401), status(401)], id="401-again-after-a-refresh"),
+        pytest.param([status(403)] * 4, id="403-that-persists-after-one-refresh"),
+    ],
+)
+async def test_refused_again_after_one_refresh_is_permanent_access_denied_without_retry(
+    tmp_path: Path, script: list[Behaviour]
+) -> None:
     clock = FakeClock()
-    async with serve({"b": DATA}, [status(401), status(401)]) as srv, \
-            open_engine(tmp_path / "root", clock) as eng:
+    async with (
+        serve({"b": DATA}, script) as srv,
+        open_engine(tmp_path / "root", clock) as eng,
+    ):
         source = TokenSource(f"{srv.url}/b", refreshes=5)
         with pytest.raises(AccessDeniedError):
             await _fetch_with(eng, source)
@@ -257,18 +283,6 @@ async def test_401_with_nothing_to_refresh_is_access_denied_at_once(tmp_path: Pa
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert len(srv.requests) == 1
         assert not (tmp_path / "out").exists()
-
-
-async def test_403_that_persists_after_one_refresh_is_permanent(tmp_path: Path) -> None:
-    clock = FakeClock()
-    async with serve({"b": DATA}, [status(403)] * 4) as srv, \
-            open_engine(tmp_path / "root", clock) as eng:
-        source = TokenSource(f"{srv.url}/b", refreshes=5)
-        with pytest.raises(AccessDeniedError):
-            await _fetch_with(eng, source)
-        assert len(srv.requests) == 2
-        assert source.refresh_calls == 1
-        assert clock.sleeps == []
 
 
 async def test_404_is_not_found_after_exactly_one_request(tmp_path: Path) -> None:
@@ -290,8 +304,10 @@ async def test_transient_status_is_retried_after_the_linear_delay(
     tmp_path: Path, code: int
 ) -> None:
     clock = FakeClock()
-    async with serve({"b": DATA}, [status(code)], clock=clock) as srv, \
-            open_engine(tmp_path / "root", clock) as eng:
+    async with (
+        serve({"b": DATA}, [status(code)], clock=clock) as srv,
+        open_engine(tmp_path / "root", clock) as eng,
+    ):
         result = await fetch_ok(eng, srv, tmp_path / "out")
         assert [r.status for r in srv.requests] == [code, 200]
         assert srv.times[1] - srv.times[0] == 5.0
@@ -307,8 +323,10 @@ async def test_retry_after_is_honoured_only_when_longer_than_the_delay(
     tmp_path: Path, retry_after: str, waited: float
 ) -> None:
     clock = FakeClock()
-    async with serve({"b": DATA}, [status(503, retry_after)], clock=clock) as srv, \
-            open_engine(tmp_path / "root", clock) as eng:
+    async with (
+        serve({"b": DATA}, [status(503, retry_after)], clock=clock) as srv,
+        open_engine(tmp_path / "root", clock) as eng,
+    ):
         await fetch_ok(eng, srv, tmp_path / "out")
         assert srv.times[1] - srv.times[0] == waited
         assert sum(clock.sleeps) == waited
@@ -317,8 +335,10 @@ async def test_retry_after_is_honoured_only_when_longer_than_the_delay(
 async def test_retry_after_as_an_http_date_is_honoured(tmp_path: Path) -> None:
     clock = FakeClock(start=1_700_000_000.0)
     when = email.utils.formatdate(clock.time() + 30, usegmt=True)
-    async with serve({"b": DATA}, [status(429, when)], clock=clock) as srv, \
-            open_engine(tmp_path / "root", clock) as eng:
+    async with (
+        serve({"b": DATA}, [status(429, when)], clock=clock) as srv,
+        open_engine(tmp_path / "root", clock) as eng,
+    ):
         await fetch_ok(eng, srv, tmp_path / "out")
         assert srv.times[1] - srv.times[0] == 30.0
 
@@ -335,7 +355,10 @@ async def test_overlong_body_from_byte_zero_stops_at_the_expected_size(tmp_path:
         first, second = await attempt_rows(eng)
         assert first.error and "longer" in first.error
         assert (first.kept_bytes, first.discarded_bytes, first.discard_reason) == (
-            SIZE, 5, "overlong-body")
+            SIZE,
+            5,
+            "overlong-body",
+        )
         # The next attempt finds the partial complete: a 416 at exactly the size commits it.
         assert range_start(srv.requests[1].headers) == SIZE
         assert (second.http_status, second.error) == (416, None)
@@ -364,8 +387,12 @@ async def test_redirect_keeps_range_and_drops_authorization_on_another_host(
         signed = f"{storage.url}/b?X-Amz-Signature=SECRET"
         origin.script = [Behaviour("redirect", location=signed)] * 2
         async with open_engine(tmp_path / "root") as eng:
-            await eng.fetch(f"{origin.url}/b", digest=DIGEST, dest=tmp_path / "out",
-                            headers={"Authorization": "Bearer TOKEN"})
+            await eng.fetch(
+                f"{origin.url}/b",
+                digest=DIGEST,
+                dest=tmp_path / "out",
+                headers={"Authorization": "Bearer TOKEN"},
+            )
         assert (tmp_path / "out").read_bytes() == DATA
         # Resolved again for every attempt, each time with the registry's credentials.
         assert [r.headers.get("Authorization") for r in origin.requests] == ["Bearer TOKEN"] * 2
@@ -379,10 +406,16 @@ async def test_redirect_on_the_same_host_keeps_authorization(tmp_path: Path) -> 
     async with serve({"b": DATA, "mirror/b": DATA}) as srv:
         srv.script = [Behaviour("redirect", location=f"{srv.url}/mirror/b?sig=1")]
         async with open_engine(tmp_path / "root") as eng:
-            await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out",
-                            headers={"Authorization": "Bearer TOKEN"})
+            await eng.fetch(
+                f"{srv.url}/b",
+                digest=DIGEST,
+                dest=tmp_path / "out",
+                headers={"Authorization": "Bearer TOKEN"},
+            )
         assert [(r.path, r.headers.get("Authorization")) for r in srv.requests] == [
-            ("b", "Bearer TOKEN"), ("mirror/b", "Bearer TOKEN")]
+            ("b", "Bearer TOKEN"),
+            ("mirror/b", "Bearer TOKEN"),
+        ]
 
 
 async def test_redirected_url_is_not_recorded_in_the_attempts(tmp_path: Path) -> None:
@@ -400,22 +433,24 @@ async def test_redirected_url_is_not_recorded_in_the_attempts(tmp_path: Path) ->
 # --------------------------------------------------------------------------- fetch without digest
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "resumer.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 def _cli_args(url: str, tmp_path: Path, *extra: str) -> list[str]:
-    return ["fetch", url, "-o", str(tmp_path / "out"), "--root", str(tmp_path / "root"),
-            "--stall-timeout", "0.3", "--retry-delay", "0", "--chunk-size", str(CHUNK),
-            "--progress", "plain", *extra]
+    return [
+        "fetch",
+        url,
+        "-o",
+        str(tmp_path / "out"),
+        "--root",
+        str(tmp_path / "root"),
+        "--stall-timeout",
+        "0.3",
+        "--retry-delay",
+        "0",
+        "--chunk-size",
+        str(CHUNK),
+        "--progress",
+        "plain",
+        *extra,
+    ]
 
 
 async def _attempts_at_rest(root: Path):
@@ -430,7 +465,7 @@ async def test_fetch_without_digest_resumes_with_if_range_and_prints_the_digest(
     tmp_path: Path,
 ) -> None:
     async with serve({"b": DATA}, [stall(N)]) as srv:
-        code, out, err = await _cli(*_cli_args(f"{srv.url}/b", tmp_path))
+        code, out, err = await run_cli_child(*_cli_args(f"{srv.url}/b", tmp_path))
         assert code == 0, err
         assert (tmp_path / "out").read_bytes() == DATA
         assert f"Digest: {DIGEST}" in out
@@ -444,10 +479,10 @@ async def test_fetch_without_digest_resumes_with_if_range_and_prints_the_digest(
 async def test_fetch_without_digest_resumes_in_a_new_run(tmp_path: Path) -> None:
     async with serve({"b": DATA}, [stall(N)]) as srv:
         url = f"{srv.url}/b"
-        code, _, _ = await _cli(*_cli_args(url, tmp_path, "--max-download-attempts", "1"))
+        code, _, _ = await run_cli_child(*_cli_args(url, tmp_path, "--max-download-attempts", "1"))
         assert code == 1
         assert not (tmp_path / "out").exists()
-        code, out, err = await _cli(*_cli_args(url, tmp_path))
+        code, out, err = await run_cli_child(*_cli_args(url, tmp_path))
         assert code == 0, err
         assert f"Digest: {DIGEST}" in out
         # Keyed by the URL: the second run continued the first run's partial.
@@ -462,6 +497,7 @@ def _change_at(request_no: int, new: bytes):
         if n == request_no:
             server.blobs["b"] = new
             server.etag = '"v2"'
+
     return before
 
 
@@ -474,7 +510,7 @@ async def test_fetch_without_digest_restarts_from_zero_when_the_etag_changes(
 ) -> None:
     new = make_blob(new_size, seed=99)
     async with serve({"b": DATA}, [stall(N)], before=_change_at(1, new)) as srv:
-        code, out, err = await _cli(*_cli_args(f"{srv.url}/b", tmp_path))
+        code, out, err = await run_cli_child(*_cli_args(f"{srv.url}/b", tmp_path))
         assert code == 0, err
         assert (tmp_path / "out").read_bytes() == new
         assert f"Digest: {sha256(new)}" in out
@@ -500,14 +536,18 @@ async def test_nginx_happy_path(nginx, tmp_path: Path) -> None:
         assert row.http_status == 200
 
 
-async def _resume_through_stalling_proxy(host: str, port: int, path: str, root: Path,
-                                         digest: str, data: bytes) -> tuple[list, FaultProxy]:
+async def _resume_through_stalling_proxy(
+    host: str, port: int, path: str, root: Path, digest: str, data: bytes
+) -> tuple[list, FaultProxy]:
     # The proxy stops forwarding after 40 000 bytes of the first connection (headers
     # included) and keeps the socket open: the stall timeout ends the attempt.
-    async with FaultProxy(host, port, Faults(stall_at=(40_000,))) as proxy, \
-            open_engine(root) as eng:
-        await eng.fetch(f"http://127.0.0.1:{proxy.port}{path}", digest=digest,
-                        dest=root.parent / "out")
+    async with (
+        FaultProxy(host, port, Faults(stall_at=(40_000,))) as proxy,
+        open_engine(root) as eng,
+    ):
+        await eng.fetch(
+            f"http://127.0.0.1:{proxy.port}{path}", digest=digest, dest=root.parent / "out"
+        )
         rows = await attempt_rows(eng)
     assert (root.parent / "out").read_bytes() == data
     return rows, proxy
@@ -516,7 +556,8 @@ async def _resume_through_stalling_proxy(host: str, port: int, path: str, root: 
 async def test_nginx_resume_after_a_stall(nginx, tmp_path: Path) -> None:
     (nginx.docroot / "blob").write_bytes(DATA)
     rows, proxy = await _resume_through_stalling_proxy(
-        "127.0.0.1", nginx.port, "/blob", tmp_path / "root", DIGEST, DATA)
+        "127.0.0.1", nginx.port, "/blob", tmp_path / "root", DIGEST, DATA
+    )
     assert [r.http_status for r in rows] == [200, 206]
     assert 30_000 < rows[1].start_offset < 40_000
     assert rows[0].end_offset == rows[1].start_offset
@@ -548,8 +589,11 @@ async def _push_blob(base: str, repo: str, data: bytes) -> str:
         if location.startswith("/"):
             location = base + location
         sep = "&" if "?" in location else "?"
-        async with session.put(f"{location}{sep}digest={digest}", data=data,
-                               headers={"Content-Type": "application/octet-stream"}) as r:
+        async with session.put(
+            f"{location}{sep}digest={digest}",
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+        ) as r:
             assert r.status == 201, await r.text()
     return digest
 
@@ -557,8 +601,9 @@ async def _push_blob(base: str, repo: str, data: bytes) -> str:
 async def test_registry_happy_path(registry, tmp_path: Path) -> None:
     digest = await _push_blob(registry.url, "lab/blob", DATA)
     async with open_engine(tmp_path / "root") as eng:
-        result = await eng.fetch(f"{registry.url}/v2/lab/blob/blobs/{digest}", digest=digest,
-                                 dest=tmp_path / "out")
+        result = await eng.fetch(
+            f"{registry.url}/v2/lab/blob/blobs/{digest}", digest=digest, dest=tmp_path / "out"
+        )
         (row,) = await attempt_rows(eng)
     assert (tmp_path / "out").read_bytes() == DATA
     assert result.stats.wire_bytes == SIZE
@@ -568,24 +613,23 @@ async def test_registry_happy_path(registry, tmp_path: Path) -> None:
 async def test_registry_resume_after_a_stall(registry, tmp_path: Path) -> None:
     digest = await _push_blob(registry.url, "lab/blob", DATA)
     rows, proxy = await _resume_through_stalling_proxy(
-        "127.0.0.1", registry.port, f"/v2/lab/blob/blobs/{digest}", tmp_path / "root",
-        digest, DATA)
+        "127.0.0.1", registry.port, f"/v2/lab/blob/blobs/{digest}", tmp_path / "root", digest, DATA
+    )
     assert [r.http_status for r in rows] == [200, 206]
     assert rows[1].start_offset > 30_000
     assert SIZE <= proxy.counters.bytes_down < SIZE + 4_000
 
 
-async def test_registry_416_at_the_end_of_the_blob_means_complete(
-    registry, tmp_path: Path
-) -> None:
+async def test_registry_416_at_the_end_of_the_blob_means_complete(registry, tmp_path: Path) -> None:
     digest = await _push_blob(registry.url, "lab/blob", DATA)
     root = tmp_path / "root"
     await _complete_partial(root, DATA)
     async with open_engine(root) as eng:
         # The registry answers 416 with a body shorter than its Content-Length.
         async with asyncio.timeout(10):
-            result = await eng.fetch(f"{registry.url}/v2/lab/blob/blobs/{digest}",
-                                     digest=digest, dest=tmp_path / "out")
+            result = await eng.fetch(
+                f"{registry.url}/v2/lab/blob/blobs/{digest}", digest=digest, dest=tmp_path / "out"
+            )
         (row,) = await attempt_rows(eng)
     assert (tmp_path / "out").read_bytes() == DATA
     assert (row.http_status, row.error, row.wire_bytes) == (416, None, 0)
