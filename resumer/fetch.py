@@ -188,7 +188,7 @@ async def _attempt(
         headers["Range"] = f"bytes={offset}-"
         if validator:
             headers["If-Range"] = validator
-    resp = await _open(session, endpoint.url, headers)
+    resp = await _open(session, endpoint.url, headers, verify_tls=endpoint.verify_tls)
     try:
         out.status = resp.status
         await _handle(resp, sink, out, offset, size, validator, watchdog, clock, on_bytes)
@@ -197,13 +197,18 @@ async def _attempt(
 
 
 async def _open(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str]
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], *, verify_tls: bool = True
 ) -> aiohttp.ClientResponse:
     origin = urlsplit(url).netloc
     for _ in range(MAX_REDIRECTS + 1):
         try:
             resp = await session.get(
-                url, headers=headers, allow_redirects=False, auto_decompress=False
+                url,
+                headers=headers,
+                allow_redirects=False,
+                auto_decompress=False,
+                # Unverified only on the endpoint's own host:port (an insecure registry).
+                ssl=verify_tls or urlsplit(url).netloc != origin,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionCutError(f"{redact_url(url)}: {_describe(exc)}") from exc

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import errno
 import hashlib
 import ipaddress
 import json
@@ -30,11 +31,12 @@ import logging
 import os
 import platform as host_platform
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -457,6 +459,8 @@ class _Token:
 DEMOTION_SECONDS = 300.0
 #: Spec default when a token server gives no expires_in; Docker uses the same floor.
 _TOKEN_MIN_LIFETIME = 60.0
+#: Redirects followed by hand for an insecure HTTPS registry (aiohttp's default is 10).
+_MAX_REDIRECTS = 10
 #: Refresh a token with less than this left, so a request never races its expiry.
 _TOKEN_MARGIN = 20.0
 
@@ -504,11 +508,18 @@ class RegistryClient:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         #: host → monotonic time of its last failure: such hosts go last in endpoint lists
         self._demoted: dict[str, float] = {}
+        #: insecure host → "https" or "http", decided by one probe per host (``_probe``)
+        self._schemes: dict[str, str] = {}
+        self._probe_locks: dict[str, asyncio.Lock] = {}
 
     # ---- where to talk to -------------------------------------------------------------
 
     def is_insecure(self, host: str) -> bool:
-        """Plain HTTP for this host[:port]? As dockerd: listed, or loopback."""
+        """Is this host[:port] an insecure registry? As dockerd: listed, or loopback.
+
+        An insecure registry is spoken to as dockerd does: HTTPS without certificate
+        verification, or plain HTTP when it does not speak TLS (see ``_probe``).
+        """
         hostname = urlsplit(f"//{host}").hostname or host
         for entry in self._config.insecure_registries:
             entry = entry.strip().rstrip("/")
@@ -530,11 +541,72 @@ class RegistryClient:
             return False
 
     def origin_url(self, ref: Reference) -> str:
-        """The base URL (scheme://host[:port]) of the reference's own registry."""
+        """The base URL (scheme://host[:port]) of the reference's own registry.
+
+        A secure registry is HTTPS. An insecure one is what its probe decided; before the
+        probe (which every request path runs first, see ``_probed_origin``) it reads as
+        plain HTTP.
+        """
         if ref.registry in self._overrides:
             return self._overrides[ref.registry]
         host = ref.api_host
-        return f"{'http' if self.is_insecure(host) else 'https'}://{host}"
+        if not self.is_insecure(host):
+            return f"https://{host}"
+        return f"{self._schemes.get(host, 'http')}://{host}"
+
+    def verify_tls(self, url: str) -> bool:
+        """Verify the certificate of ``url``? Not for HTTPS to an insecure registry's host."""
+        parts = urlsplit(url)
+        return not (parts.scheme == "https" and self.is_insecure(_host_of(url)))
+
+    async def _probed_origin(self, ref: Reference) -> str:
+        """``origin_url`` after the host's probe; raises the probe's error if undecided."""
+        host = ref.api_host
+        if ref.registry not in self._overrides and self.is_insecure(host):
+            await self._probe(host)
+        return self.origin_url(ref)
+
+    async def _probe(self, host: str) -> None:
+        """Decide, once per host, how to speak to an insecure registry, as dockerd does.
+
+        ``GET https://host/v2/`` without certificate verification: any HTTP answer means
+        HTTPS. A TLS handshake the server does not speak (it answers in plain HTTP, or
+        hangs up) means plain HTTP. Both are remembered. Anything else (refused, timed
+        out) decides nothing and is raised as that request's error, so the probe never
+        costs an attempt of its own.
+        """
+        if host in self._schemes:
+            return
+        async with self._probe_locks.setdefault(host, asyncio.Lock()):
+            if host in self._schemes:
+                return
+            url = f"https://{host}/v2/"
+            try:
+                async with self._session.get(
+                    url,
+                    ssl=False,
+                    allow_redirects=False,
+                    headers={"Accept-Encoding": "identity"},
+                ) as resp:
+                    status = resp.status
+            except aiohttp.ClientError as exc:
+                if not _speaks_no_tls(exc):
+                    raise _map_client_error(exc, redact_url(url)) from exc
+                self._schemes[host] = "http"
+                log.info(
+                    "insecure registry %s does not speak TLS (%s): using plain HTTP",
+                    host,
+                    type(exc).__name__,
+                )
+                return
+            except TimeoutError as exc:
+                raise ConnectionCutError(f"{redact_url(url)}: timed out") from exc
+            self._schemes[host] = "https"
+            log.info(
+                "insecure registry %s speaks TLS (HTTP %d): HTTPS without certificate verification",
+                host,
+                status,
+            )
 
     def base_urls(self, ref: Reference) -> list[str]:
         """Mirrors first (Docker Hub images only, as dockerd), then the origin."""
@@ -699,9 +771,8 @@ class RegistryClient:
         while True:
             sent = {**headers, **await self.auth_headers(host, scope)}
             try:
-                # Small objects may be redirected (pre-signed storage URLs); aiohttp drops
-                # Authorization when a redirect changes origin, so letting it follow is safe.
-                async with self._session.get(url, headers=sent) as resp:
+                resp = await self._open_small(url, sent)
+                async with resp:
                     challenge = ", ".join(resp.headers.getall("WWW-Authenticate", []))
                     # Only a 200 body matters; of an error page, the start is enough.
                     body = (
@@ -728,6 +799,28 @@ class RegistryClient:
                 status=result.status,
             )
 
+    async def _open_small(self, url: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """GET ``url``, following redirects; the response is the caller's to close."""
+        if self.verify_tls(url):
+            # Small objects may be redirected (pre-signed storage URLs); aiohttp drops
+            # Authorization when a redirect changes origin, so letting it follow is safe.
+            return await self._session.get(url, headers=headers)
+        # An insecure HTTPS registry: only its own host:port goes unverified, so redirects
+        # are followed here, and storage elsewhere is verified as usual.
+        origin = urlsplit(url).netloc
+        sent = dict(headers)
+        for _ in range(_MAX_REDIRECTS + 1):
+            same = urlsplit(url).netloc == origin
+            resp = await self._session.get(url, headers=sent, allow_redirects=False, ssl=not same)
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                resp.release()
+                url = urljoin(url, resp.headers["Location"])
+                if urlsplit(url).netloc != origin:
+                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                continue
+            return resp
+        raise RegistryError(f"{redact_url(url)}: too many redirects")
+
     async def _get_small(
         self,
         ref: Reference,
@@ -742,13 +835,18 @@ class RegistryClient:
         scope = _pull_scope(ref)
         headers = {"Accept": accept} if accept else {}
         headers["Accept-Encoding"] = "identity"
+        origin = self.origin_url(ref)
         last: ResumerError | None = None
         for i, base in enumerate(bases):
             is_last = i == len(bases) - 1
-            url = f"{base}/v2/{ref.repository}/{kind}/{ident}"
             attempts = self._small_get_attempts if is_last else 1
             for attempt in range(1, attempts + 1):
+                url = f"{base}/v2/{ref.repository}/{kind}/{ident}"
                 try:
+                    if base == origin:
+                        # The probe is part of this attempt: its failure is this attempt's.
+                        base = origin = await self._probed_origin(ref)
+                        url = f"{base}/v2/{ref.repository}/{kind}/{ident}"
                     resp = await self._get_once(url, scope, headers, limit)
                     if resp.status != 200:
                         raise _status_error(
@@ -905,8 +1003,17 @@ class RegistryBlobSource:
     async def endpoints(self) -> list[Endpoint]:
         out: list[Endpoint] = []
         bases = self._client.base_urls(self.reference)
+        origin = self._client.origin_url(self.reference)
         for base in bases:
             host = _host_of(base)
+            if base == origin:
+                try:
+                    base = await self._client._probed_origin(self.reference)
+                except ResumerError as exc:
+                    # Undecided (refused, timed out): try HTTPS, dockerd's first choice; this
+                    # attempt fails or succeeds on its own, and the next one probes again.
+                    log.info("probing %s failed this attempt: %s", host, exc)
+                    base = f"https://{host}"
             try:
                 headers = await self._client.auth_headers(host, self._scope)
             except ResumerError as exc:
@@ -916,7 +1023,7 @@ class RegistryBlobSource:
                 log.info("skipping %s this attempt: %s", redact_url(base), exc)
                 continue
             url = f"{base}/v2/{self.reference.repository}/blobs/{self.digest}"
-            out.append(Endpoint(url, headers, host))
+            out.append(Endpoint(url, headers, host, verify_tls=self._client.verify_tls(base)))
         return out
 
     async def refresh_auth(self, endpoint: Endpoint, challenge: str | None) -> bool:
@@ -935,6 +1042,25 @@ class RegistryBlobSource:
 # --------------------------------------------------------------------------------------
 # Helpers: parsing and error mapping
 # --------------------------------------------------------------------------------------
+
+
+def _speaks_no_tls(exc: aiohttp.ClientError) -> bool:
+    """Did a TLS handshake fail because the server does not speak TLS at all?
+
+    A plain-HTTP server answers a ClientHello with an HTTP 400 (the handshake sees a
+    "wrong version number") or hangs up. Refused connections, unreachable hosts and DNS
+    failures say nothing about TLS.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return False  # a TLS server after all (the probe does not verify, so not expected)
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerDisconnectedError):
+        return True
+    if isinstance(exc, aiohttp.ClientOSError):
+        cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+        return isinstance(
+            cause, ssl.SSLError | ConnectionResetError | ConnectionAbortedError
+        ) or cause.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
+    return False
 
 
 def _host_of(url: str) -> str:
@@ -1002,6 +1128,13 @@ def _map_client_error(exc: aiohttp.ClientError, what: str) -> ResumerError:
         return RegistryError(f"{what}: too many redirects")
     if isinstance(exc, aiohttp.InvalidURL):
         return RegistryError(f"{what}: invalid URL")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # Another attempt meets the same certificate: say what is wrong and what to do.
+        return RegistryError(
+            f"{what}: TLS certificate verification failed ({_safe_reason(exc.certificate_error)}); "
+            "for a registry with a self-signed or private certificate, trust its CA "
+            "(SSL_CERT_FILE) or pass --insecure-registry HOST[:PORT]"
+        )
     # Connection refused/reset, a body cut short, a read timeout: all "try again".
     return ConnectionCutError(f"{what}: {type(exc).__name__}: {_safe_reason(exc)}")
 

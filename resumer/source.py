@@ -30,6 +30,9 @@ class Endpoint:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: the host:port that this endpoint names; used to prefer hosts that honour Range
     host: str = ""
+    #: False for HTTPS to an insecure registry: its certificate is not verified. Only
+    #: requests to this URL's own host:port skip verification, never a redirect elsewhere.
+    verify_tls: bool = True
 
     @property
     def display(self) -> str:
