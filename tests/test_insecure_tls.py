@@ -292,7 +292,7 @@ async def test_a_server_that_hangs_up_on_tls_is_plain_http(
 
 
 async def test_a_refused_probe_decides_nothing(
-    make_client: Callable[..., RegistryClient], serve_app: ServeApp
+    make_client: Callable[..., RegistryClient],
 ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
