@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from conftest import RegistryFactory, ServeApp
 from servers import SKOPEO_BIN, Registry, require, skopeo_copy
-from test_pull_real import assert_readable, cli_env, pull_cli, resumer_cmd
+from test_pull_real import assert_readable, pull_cli
 
 from resumer.config import Config
 from resumer.errors import ConnectionCutError, RegistryError
@@ -72,46 +72,6 @@ def _push(registry: Registry, work: Path, repo: str = "lab/app", tag: str = "v1"
     return tag
 
 
-def _outward_ip() -> str | None:
-    """An address of this machine that is not loopback (no packet is sent), or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 9))
-            addr: str = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
-
-
-async def _forward(listen_host: str, port: int) -> asyncio.Server:
-    """Bytes from ``listen_host:ANY`` to ``127.0.0.1:port``, both ways."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    return await asyncio.start_server(accept, listen_host, 0)
-
-
-async def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 # ---- the CLI against the real registry over HTTPS -------------------------------------------
 
 
@@ -125,45 +85,6 @@ def test_loopback_registry_over_https_with_a_self_signed_certificate_is_pulled(
     run = pull_cli(reference, tmp_path / "root", tmp_path, dest=dest)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
-    (tmp_path / "scratch").mkdir()
-    assert_readable(dest, tag, reference, tmp_path / "scratch")
-
-
-async def test_a_registry_that_is_not_insecure_must_present_a_trusted_certificate(
-    registry_factory: RegistryFactory, tmp_path: Path
-) -> None:
-    """The same registry, reached through a non-loopback address: verified, so refused
-    with a clear certificate error, until ``--insecure-registry`` names it."""
-    outward = _outward_ip()
-    if outward is None:
-        pytest.skip("no non-loopback IPv4 address on this machine")
-    registry = _tls_registry(registry_factory, tmp_path / "tls")
-    tag = _push(registry, tmp_path / "image")
-    server = await _forward(outward, registry.port)
-    try:
-        host = f"{outward}:{server.sockets[0].getsockname()[1]}"
-        reference = f"{host}/lab/app:{tag}"
-        where = ("--root", str(tmp_path / "root"), "--progress", "plain", "--retry-delay", "0")
-        env = cli_env(tmp_path)
-        env.pop("SSL_CERT_FILE", None)
-
-        code, _, err = await _run(*resumer_cmd("pull", reference, *where), env=env)
-        assert code == 1, err
-        assert "Traceback" not in err
-        assert "certificate" in err.lower()
-        assert "--insecure-registry" in err
-
-        dest = tmp_path / "dest"
-        code, _, err = await _run(
-            *resumer_cmd(
-                "pull", reference, "--insecure-registry", host, "--dest", str(dest), *where
-            ),
-            env=env,
-        )
-        assert code == 0, err
-    finally:
-        server.close()
-        await server.wait_closed()
     (tmp_path / "scratch").mkdir()
     assert_readable(dest, tag, reference, tmp_path / "scratch")
 
