@@ -51,6 +51,10 @@ _RECV_MAX = 256 * 1024
 _MAX_SLABS = _MAX_INFLIGHT + 2
 #: a slab is one batch (= one chunk), but never more than this
 _MAX_SLAB = 4 << 20
+#: a filling slab goes to the writer after this long even if not full, and its
+#: unfinished chunk is tail-recorded: on a slow link a kill then costs about this much
+#: of each transfer's data, not half a chunk (on a fast link slabs fill sooner anyway)
+_HANDOFF_SECONDS = 0.03
 #: (idx, xxh3, length or None for a whole chunk)
 _Chunk = tuple[int, int, int | None]
 #: chunks to record, and a durable offset to advance to (after fdatasync)
@@ -279,7 +283,7 @@ class Partial:
         if self.ingest.observer is not None:
             self.ingest.observer(self.key, self.offset)
         if self._pending_len >= self._batch or (
-            self._clock.monotonic() - self._last_flush >= self._cfg.checkpoint_seconds / 2
+            self._clock.monotonic() - self._last_flush >= _HANDOFF_SECONDS
         ):
             await self._hand_off()
 
@@ -331,7 +335,7 @@ class Partial:
             self.ingest.observer(self.key, self.offset)
         if (
             slab.fill == len(slab.buf)
-            or self._clock.monotonic() - self._last_flush >= self._cfg.checkpoint_seconds / 2
+            or self._clock.monotonic() - self._last_flush >= _HANDOFF_SECONDS
         ) and self._can_send():
             self._send_slab(slab)
 
@@ -533,6 +537,10 @@ class Partial:
             xxh.reset()
             self._next_chunk += 1
             self._chunk_fill = 0
+        elif self._cfg.checkpoints and self._chunk_fill:
+            # The unfinished chunk's prefix, as written so far: a kill keeps it (reopen
+            # verifies it like any chunk). The whole chunk's record replaces it later.
+            done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
         return done
 
     async def flush(self, *, sync: bool = False) -> None:
