@@ -59,8 +59,7 @@ def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
             type=int,
             metavar="BYTES",
             help="hash and record partials in chunks of this size (default 1048576); "
-            "262144 loses less per kill on links that lose power often, and costs "
-            "throughput on fast links",
+            "smaller chunks cost throughput on fast links",
         )
         p.add_argument("--no-checkpoints", action="store_true", help=argparse.SUPPRESS)
 
