@@ -27,7 +27,7 @@ from .digest import Digest
 from .errors import StoreError
 from .gc import collect_partials
 from .ingest import Ingest
-from .layout import Layout, fsync_dir
+from .layout import Layout, fsync_dir, make_dirs
 from .progress import Stats
 from .rootlock import RootLock
 from .source import UrlSource, redact_url
@@ -172,7 +172,7 @@ class Engine:
         """Open ``root`` (created if needed), holding its lock until the block ends."""
         config = config or Config()
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            make_dirs(root)
         except OSError as exc:
             raise StoreError(f"cannot create root {root}: {exc.strerror or exc}") from exc
         lock = RootLock(root)

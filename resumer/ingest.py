@@ -33,7 +33,7 @@ from .clock import Clock
 from .config import Config
 from .digest import to_signed
 from .errors import DigestMismatchError, StoreError, TransferError
-from .layout import Layout, fsync_dir
+from .layout import Layout, fsync_dir, make_dirs
 from .store import Store, TransferState
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class Ingest:
         self.store = store
         self.config = config
         self.clock = clock
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
+        make_dirs(self.blobs)
         #: partials open in this process (a simulated crash closes their files)
         self.open_partials: set[Partial] = set()
         #: called with (key, offset) after each accepted write; None on the hot path
@@ -248,7 +248,7 @@ class Partial:
         self._chunk_fill = len(tail)
         if tail:
             self._xxh.update(tail)  # carry on hashing the chunk the tail record began
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = await loop.run_in_executor(self._writer_pool, _open_partial, self.path)
         self.ingest.open_partials.add(self)
         self._last_flush = self._last_sync = self._clock.monotonic()
         self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
@@ -685,8 +685,7 @@ def _verify_prefix(
     try:
         f = open(path, "r+b")  # noqa: SIM115 - closed below, after the truncate
     except FileNotFoundError:
-        path.touch()
-        return 0, 0, None, sha, b""
+        return 0, 0, None, sha, b""  # _open_partial creates it, durably
     tail = b""
     with f:
         on_disk = os.fstat(f.fileno()).st_size
@@ -713,6 +712,17 @@ def _verify_prefix(
             f.truncate(offset)
         os.fdatasync(f.fileno())
     return offset, max(0, on_disk - offset), reason if on_disk > offset else None, sha, tail
+
+
+def _open_partial(path: Path) -> int:
+    """Open the partial for appending; a new one's directory entry is synced first, so
+    the durable offsets recorded for it never outlive the file (durable once recorded)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fsync_dir(path.parent)
+        return fd
 
 
 def _commit_file(fd: int, src: Path, dest: Path) -> None:

@@ -62,6 +62,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power cut: each new one's parent is
+    fsynced (a file later synced inside an unsynced directory is lost with it)."""
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(0o777)
+        except FileExistsError:
+            if not d.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(d)) from None
+        fsync_dir(d.parent)
+
+
 def _write_atomic(dest: Path, data: bytes) -> None:
     """Temp file in dest's directory, fsync, rename over dest, fsync the directory."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TMP_SUFFIX)
@@ -116,7 +135,7 @@ class Layout:
         ``await asyncio.to_thread(layout.ensure)``.
         """
         try:
-            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.blobs_dir)
             if not self.oci_layout_path.exists():
                 _write_atomic(
                     self.oci_layout_path,

@@ -21,6 +21,7 @@ import aiosqlite
 
 from .clock import Clock, SystemClock
 from .errors import SchemaTooNewError, StoreError
+from .layout import fsync_dir
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -135,6 +136,7 @@ class Store:
         cls, path: Path, *, clock: Clock | None = None, migrations: Path | None = None
     ) -> Store:
         """Open (creating and migrating as needed) the database at ``path``."""
+        created = not path.exists()
         try:
             conn = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -148,18 +150,28 @@ class Store:
         except BaseException:
             await conn.close()
             raise
+        if created:
+            # SQLite syncs the directory for its WAL, not for the database file it
+            # created: without this a power cut can leave a WAL with no database.
+            await asyncio.to_thread(fsync_dir, path.parent)
         return cls(conn, path, clock or SystemClock())
 
     async def close(self) -> None:
         await self._conn.close()
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` as one write transaction in the database thread: one await."""
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``fn`` as one write transaction in the database thread: one await.
+
+        ``durable``: the transaction is on disk when this returns (its WAL frames and every
+        earlier one are fsynced). Only a transaction that claims nothing may pass False:
+        chunk records ahead of the durable offset, attempt rows. Losing those to a power
+        cut costs re-verification or accounting, never a wrong claim.
+        """
         async with self._lock:
             try:
                 # aiosqlite's own hand-off: the whole transaction is one await.
                 result: T = await self._conn._execute(  # type: ignore[no-untyped-call]
-                    _transaction, self._conn._conn, fn
+                    _transaction, self._conn._conn, fn, durable
                 )
                 return result
             except sqlite3.Error as exc:
@@ -259,7 +271,9 @@ class Store:
                     (durable, now, key),
                 )
 
-        await self.run(tx)
+        # Chunk records alone claim nothing: reopen verifies them, and losing them only
+        # makes reopen keep less. A durable offset is a claim, so it is synced.
+        await self.run(tx, durable=durable is not None)
 
     async def cut(self, key: str, keep_chunks: int, offset: int, validator: str | None) -> None:
         """Forget chunks from ``keep_chunks`` on: the partial was cut to ``offset``."""
@@ -328,7 +342,7 @@ class Store:
             )
             return int(cur.lastrowid or 0)
 
-        return await self.run(tx)
+        return await self.run(tx, durable=False)  # accounting: the next sync carries it
 
     async def end_attempt(
         self,
@@ -359,7 +373,8 @@ class Store:
                     error,
                     attempt_id,
                 ),
-            )
+            ),
+            durable=False,
         )
 
     async def record_discard(self, key: str, run_id: str, nbytes: int, reason: str) -> None:
@@ -370,7 +385,8 @@ class Store:
                 "INSERT INTO attempts (key, run_id, attempt_no, started, ended, start_offset,"
                 " end_offset, discarded_bytes, discard_reason) VALUES (?, ?, 0, ?, ?, 0, 0, ?, ?)",
                 (key, run_id, now, now, nbytes, reason),
-            )
+            ),
+            durable=False,
         )
 
     async def attempts(self, key: str | None = None) -> list[AttemptRow]:
@@ -386,15 +402,30 @@ def _setup(conn: sqlite3.Connection, path: Path, steps: list[tuple[int, str, str
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StoreError(f"{path}: cannot switch the state database to WAL mode (got {mode})")
-    # NORMAL in WAL mode: a power cut may lose the last transactions but never corrupts;
-    # losing a chunk record only makes reopen cut earlier (recorded before trusted).
-    conn.execute("PRAGMA synchronous = NORMAL")
+    # Each transaction chooses FULL or NORMAL (see _transaction); the schema and its
+    # migrations are durable.
+    _set_synchronous(conn, _FULL)
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA busy_timeout = 10000")
     _migrate(conn, path, steps)
 
 
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+_FULL, _NORMAL = "FULL", "NORMAL"  # PRAGMA synchronous levels
+
+
+def _set_synchronous(conn: sqlite3.Connection, level: str) -> None:
+    # A microsecond in the database thread: cheaper than tracking the current level.
+    conn.execute(f"PRAGMA synchronous = {level}")
+
+
+def _transaction(
+    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], durable: bool
+) -> T:
+    # In WAL mode, synchronous = NORMAL syncs the WAL only at a checkpoint (every 1000
+    # pages), so a power cut can take every commit since the database was created. FULL
+    # fsyncs the WAL at this commit, which also makes every earlier frame durable: one
+    # sync serves the NORMAL transactions before it. Durable once recorded (invariant 1).
+    _set_synchronous(conn, _FULL if durable else _NORMAL)
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
