@@ -1,33 +1,58 @@
-"""Garbage collection of partials: the disk never fills with junk (invariant 7).
+"""Garbage collection of partials: the disk never fills with junk, and nothing that might
+still be useful is deleted silently (invariants 2 and 7).
 
 Runs when an engine opens, before any transfer starts, so no partial is in use:
-- files in ``ingest/`` that no transfer row claims are removed (debris of a crash between
-  creating a file and recording it, or of a forgotten transfer);
-- while the partials exceed ``partial-budget-bytes``, the partials touched longest ago
-  are removed, those of no unfinished pull first. Every removal is logged with its reason.
+- a file in ``ingest/`` that no transfer row claims (the state database was lost, emptied
+  or replaced, or a crash came between creating a file and recording it) is *kept aside*
+  in ``ingest/orphans/``: its bytes may be all a metered link has delivered so far. A later
+  transfer of the same key adopts it (see ``Ingest.open``); ``status`` reports the rest;
+- a file whose transfer is committed, with its blob in the store, is a leftover of the
+  commit and is removed (the verified copy is in ``blobs/``);
+- while partials and orphans together exceed ``partial-budget-bytes``, the least valuable
+  go first: orphans, then partials of no unfinished pull, each oldest first.
+
+``prune_orphans`` removes the orphans on request (``resumer prune``). Every removal and
+every move is logged with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ingest import Ingest
+from .layout import fsync_dir, make_dirs
 from .store import TransferState
 
 log = logging.getLogger(__name__)
+
+ORPHANS = "orphans"
 
 
 @dataclass
 class GcReport:
     removed: list[tuple[str, int, str]] = field(default_factory=list)  # (name, bytes, reason)
+    kept_aside: list[tuple[str, int]] = field(default_factory=list)  # moved to orphans/
     kept_bytes: int = 0
 
 
+def orphans_dir(ingest: Ingest) -> Path:
+    return ingest.dir / ORPHANS
+
+
+def list_orphans(ingest_dir: Path) -> list[tuple[Path, int, float]]:
+    """(path, size, mtime) of every partial kept aside, oldest first."""
+    return sorted(
+        ((p, st.st_size, st.st_mtime) for p, st in _files(ingest_dir / ORPHANS)),
+        key=lambda item: item[2],
+    )
+
+
 async def collect_partials(ingest: Ingest, budget: int) -> GcReport:
-    """Remove orphan partials, then the oldest ones beyond ``budget`` bytes."""
+    """Keep unclaimed partials aside, drop commit leftovers, then enforce ``budget``."""
     report = GcReport()
     store = ingest.store
     rows = {t.key: t for t in await store.transfers()}
@@ -38,19 +63,36 @@ async def collect_partials(ingest: Ingest, budget: int) -> GcReport:
             " WHERE p.state != 'done'"
         )
     }
-    files = await asyncio.to_thread(_partial_files, ingest.dir)
+    files = await asyncio.to_thread(_files, ingest.dir)
     by_name = {ingest.partial_path(k).name: k for k in rows}
+    aside: list[tuple[Path, int]] = []
     live: list[tuple[bool, float, str, Path, int]] = []
-    for path, size in files:
+    for path, st in files:
         key = by_name.get(path.name)
         row = rows.get(key) if key is not None else None
-        if row is None or row.state is TransferState.COMMITTED:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
-            report.removed.append((path.name, size, "no transfer claims it"))
+        if row is not None and row.state is TransferState.COMMITTED:
+            if row.digest is not None and ingest.has_blob(row.digest, row.size):
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                report.removed.append((path.name, st.st_size, "its blob is committed"))
+                continue
+            row = None  # committed once, but its blob is gone: the bytes may serve again
+        if row is None:
+            aside.append((path, st.st_size))
             continue
-        live.append((row.key in wanted, row.updated, row.key, path, size))
-    total = sum(item[4] for item in live)
-    # Least valuable first: not needed by an unfinished pull, then touched longest ago.
+        live.append((row.key in wanted, row.updated, row.key, path, st.st_size))
+    if aside:
+        await asyncio.to_thread(_keep_aside, ingest, [p for p, _ in aside])
+        report.kept_aside.extend((p.name, n) for p, n in aside)
+    orphans = await asyncio.to_thread(list_orphans, ingest.dir)
+    total = sum(item[4] for item in live) + sum(n for _, n, _ in orphans)
+    # Least valuable first: orphans (oldest first), then partials of no unfinished pull,
+    # then the rest, each touched longest ago first.
+    for path, size, _ in orphans:
+        if total <= budget:
+            break
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        total -= size
+        report.removed.append((path.name, size, f"orphans over the {budget}-byte budget"))
     for _needed, _updated, key, path, size in sorted(live):
         if total <= budget:
             break
@@ -59,14 +101,52 @@ async def collect_partials(ingest: Ingest, budget: int) -> GcReport:
         total -= size
         report.removed.append((key, size, f"partials over the {budget}-byte budget"))
     report.kept_bytes = total
+    for name, size in report.kept_aside:
+        log.warning(
+            "gc: partial %s (%d bytes) has no record; kept aside in %s (see resumer status)",
+            name,
+            size,
+            orphans_dir(ingest),
+        )
     for name, size, reason in report.removed:
         log.warning("gc: removed partial %s (%d bytes): %s", name, size, reason)
     return report
 
 
-def _partial_files(folder: Path) -> list[tuple[Path, int]]:
+async def prune_orphans(ingest: Ingest) -> list[tuple[str, int]]:
+    """Remove every partial kept aside (``resumer prune``); returns (name, bytes)."""
+    removed = []
+    for path, size, _ in await asyncio.to_thread(list_orphans, ingest.dir):
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        removed.append((path.name, size))
+        log.warning("prune: removed orphan partial %s (%d bytes)", path.name, size)
+    if removed:
+        await asyncio.to_thread(fsync_dir, orphans_dir(ingest))
+    return removed
+
+
+def _keep_aside(ingest: Ingest, paths: list[Path]) -> None:
+    dest = orphans_dir(ingest)
+    make_dirs(dest)
+    for path in paths:
+        target = dest / path.name
+        # An older orphan of the same key: keep the larger, which holds more bytes.
+        if target.exists() and target.stat().st_size >= path.stat().st_size:
+            path.unlink()
+            continue
+        os.replace(path, target)
+    # Both directories: the move must not come undone, nor leave the file in both.
+    fsync_dir(dest)
+    fsync_dir(ingest.dir)
+
+
+def _files(folder: Path) -> list[tuple[Path, os.stat_result]]:
     out = []
-    for p in folder.iterdir():
-        if p.is_file():
-            out.append((p, p.stat().st_size))
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            out.append((Path(entry.path), entry.stat(follow_symlinks=False)))
     return out

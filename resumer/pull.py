@@ -21,6 +21,7 @@ from .layout import Layout
 from .progress import Event, Stats
 from .pulls import Pulls, PullState
 from .registry import Reference, RegistryClient, ResolvedImage, parse_reference
+from .retry import fails_for_good
 from .store import Store
 from .transfer import TransferManager
 
@@ -108,7 +109,9 @@ async def pull_image(
         await _write_layout(dest, content, ref, image, jobs, result)
     except BaseException as exc:
         reason = "cancelled" if not isinstance(exc, Exception) else str(exc)
-        await pulls.set_state(pull_id, PullState.FAILED, error=reason)
+        await pulls.set_state(
+            pull_id, PullState.FAILED, error=reason, permanent=fails_for_good(exc)
+        )
         raise
     await pulls.set_state(pull_id, PullState.DONE)
     up_to_date = was_there and len(result.existed) == len(jobs)

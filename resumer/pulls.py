@@ -74,6 +74,7 @@ class Pull:
     options: dict[str, Any]
     state: PullState
     last_error: str | None
+    permanent: bool
     created: float
     updated: float
     layers: tuple[PullLayer, ...]
@@ -210,15 +211,39 @@ class Pulls:
             )
         )
 
-    async def set_state(self, pull_id: int, state: PullState, *, error: str | None = None) -> None:
-        """Mark the pull pending (a run starts), done, or failed with its last error."""
+    async def set_state(
+        self,
+        pull_id: int,
+        state: PullState,
+        *,
+        error: str | None = None,
+        permanent: bool = False,
+    ) -> None:
+        """Mark the pull pending (a run starts), done, or failed with its last error;
+        ``permanent``: a new run cannot help until something changes (retry.fails_for_good)."""
         now = self.store.clock.time()
         await self.store.run(
             lambda c: c.execute(
-                "UPDATE pulls SET state = ?, last_error = ?, updated = ? WHERE id = ?",
-                (state.value, error, now, pull_id),
+                "UPDATE pulls SET state = ?, last_error = ?, permanent = ?, updated = ?"
+                " WHERE id = ?",
+                (state.value, error, int(permanent), now, pull_id),
             )
         )
+
+    async def all(self) -> list[Pull]:
+        """Every stored pull, finished or not, in creation order (``resumer ls``)."""
+        rows = await self.store.read("SELECT * FROM pulls ORDER BY id")
+        return [_pull(r, await self._layers(r["id"])) for r in rows]
+
+    async def find(self, which: str) -> list[Pull]:
+        """The stored pulls that ``which`` names: an id, or a reference as stored."""
+        if which.isdigit():
+            rows = await self.store.read("SELECT * FROM pulls WHERE id = ?", (int(which),))
+        else:
+            rows = await self.store.read(
+                "SELECT * FROM pulls WHERE reference = ? ORDER BY id", (which,)
+            )
+        return [_pull(r, await self._layers(r["id"])) for r in rows]
 
     async def remove(self, pull_id: int) -> None:
         """Forget a pull (its layers go with it; blobs, partials and chains stay)."""
@@ -305,7 +330,12 @@ def _insert(
 
 def _pull(r: sqlite3.Row, layers: tuple[PullLayer, ...]) -> Pull:
     return from_row(
-        Pull, r, options=json.loads(r["options"]), state=PullState(r["state"]), layers=layers
+        Pull,
+        r,
+        options=json.loads(r["options"]),
+        state=PullState(r["state"]),
+        permanent=bool(r["permanent"]),
+        layers=layers,
     )
 
 

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .clock import Clock
-from .errors import ConfigError, ResumerError
+from .errors import (
+    BudgetExhaustedError,
+    ConfigError,
+    DiskFullError,
+    ResumerError,
+    TransientError,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,16 @@ class LinearDelay:
         if retry_after is not None and retry_after > delay:
             return retry_after
         return delay
+
+
+def fails_for_good(error: BaseException) -> bool:
+    """Whether a pull that ended with ``error`` needs a change upstream or on disk before
+    a new run can finish it (a 404 manifest, access denied, a corrupt destination), as
+    opposed to a spent budget, a cut link or a full disk, which a later run may get past."""
+    cause = getattr(error, "cause", error)  # LayerDownloadError names its transfer's error
+    if not isinstance(cause, ResumerError):
+        return False
+    return not isinstance(cause, BudgetExhaustedError | TransientError | DiskFullError)
 
 
 def should_retry(error: BaseException) -> bool:

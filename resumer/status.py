@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import StoreError
+from .errors import UsageError
+from .gc import list_orphans
 from .progress import format_bytes
+from .pulls import LayerState, Pull, Pulls
 from .store import AttemptRow, Store, TransferRow, TransferState
 
 #: what ``last_error`` says of an attempt left open by a process that died (SIGKILL, crash)
@@ -44,53 +46,109 @@ def lock_holder(root: Path) -> int | None:
     return None
 
 
+def _check_root(root: Path) -> Path:
+    """The root's state.db; a root that is missing or not a directory is an error that
+    says so (``status`` must never report "nothing unfinished" about the wrong place)."""
+    if not root.exists():
+        raise UsageError(f"{root}: no such root (nothing was ever pulled or fetched here)")
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a directory, so not a resumer root")
+    return root / "state.db"
+
+
 async def collect(root: Path, config: Config) -> dict[str, Any]:
-    """Read-only view of the root: it does not take the root lock, so it works mid-pull."""
-    db = root / "state.db"
+    """Read-only view of the root: it does not take the root lock, so it works mid-pull,
+    and opens the database read-only, so it works on a root this user may not write."""
+    db = _check_root(root)
     holder = lock_holder(root)
-    report: dict[str, Any] = {"root": str(root), "in_use_by": holder, "transfers": [], "pulls": []}
+    report: dict[str, Any] = {
+        "root": str(root),
+        "in_use_by": holder,
+        "transfers": [],
+        "pulls": [],
+        "orphans": [
+            {"name": p.name, "size": size, "mtime": mtime}
+            for p, size, mtime in list_orphans(root / "ingest")
+        ],
+    }
     if not db.exists():
         return report
-    store = await Store.open(db)
+    store = await Store.open(db, read_only=True)
     try:
         by_key: dict[str, dict[str, Any]] = {}
         for t in await store.transfers([TransferState.PARTIAL, TransferState.FAILED]):
             entry = await _transfer(store, t, running=holder is not None)
             by_key[t.key] = entry
             report["transfers"].append(entry)
-        try:
-            rows = await store.read(
-                "SELECT id, reference, dest, state, last_error FROM pulls WHERE state != 'done'"
-                " ORDER BY id"
-            )
-        except StoreError:
-            rows = []
-        for r in rows:
-            layers = await store.read(
-                "SELECT position, digest, size, state FROM pull_layers WHERE pull_id = ?"
-                " ORDER BY position",
-                (r["id"],),
-            )
+        for pull in await Pulls(store).unfinished():
             out_layers = []
-            for layer in layers:
-                item = dict(layer)
-                partial = by_key.get(layer["digest"])
-                item["offset"] = partial["offset"] if partial else None
-                item["recorded"] = partial["recorded"] if partial else None
-                out_layers.append(item)
-            report["pulls"].append(
-                {
-                    "id": r["id"],
-                    "reference": r["reference"],
-                    "dest": r["dest"],
-                    "state": r["state"],
-                    "last_error": r["last_error"],
-                    "layers": out_layers,
-                }
-            )
+            for layer in pull.layers:
+                partial = by_key.get(layer.digest)
+                out_layers.append(
+                    {
+                        "position": layer.position,
+                        "digest": layer.digest,
+                        "size": layer.size,
+                        "state": str(layer.state),
+                        "offset": partial["offset"] if partial else None,
+                        "recorded": partial["recorded"] if partial else None,
+                    }
+                )
+            report["pulls"].append({**_pull_entry(pull), "layers": out_layers})
         return report
     finally:
         await store.close()
+
+
+def _pull_entry(pull: Pull) -> dict[str, Any]:
+    return {
+        "id": pull.id,
+        "reference": pull.reference,
+        "dest": pull.dest,
+        "state": str(pull.state),
+        "permanent": pull.permanent,
+        "last_error": pull.last_error,
+    }
+
+
+async def list_pulls(root: Path, *, finished: bool) -> list[dict[str, Any]]:
+    """The stored pulls (``resumer ls``): unfinished ones, or with ``finished`` all."""
+    db = _check_root(root)
+    if not db.exists():
+        return []
+    store = await Store.open(db, read_only=True)
+    try:
+        pulls = await (Pulls(store).all() if finished else Pulls(store).unfinished())
+    finally:
+        await store.close()
+    out = []
+    for pull in pulls:
+        entry = _pull_entry(pull)
+        entry["layers"] = len(pull.layers)
+        entry["registered"] = sum(1 for x in pull.layers if x.state is LayerState.REGISTERED)
+        entry["updated"] = pull.updated
+        out.append(entry)
+    return out
+
+
+def _state_text(pull: dict[str, Any]) -> str:
+    if pull["state"] != "failed":
+        return str(pull["state"])
+    return "failed for good" if pull["permanent"] else "failed (a new run retries it)"
+
+
+def render_pulls(pulls: list[dict[str, Any]]) -> str:
+    if not pulls:
+        return "no stored pulls\n"
+    rows = [("PULL", "IMAGE", "STATE", "LAYERS", "LAST ERROR")]
+    for p in pulls:
+        layers = f"{p['registered']}/{p['layers']}"
+        rows.append((str(p["id"]), p["reference"], _state_text(p), layers, p["last_error"] or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] + "\n"
+        for r in rows
+    ).replace("  \n", "\n")
 
 
 async def _transfer(store: Store, t: TransferRow, *, running: bool) -> dict[str, Any]:
@@ -137,11 +195,11 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [f"root: {report['root']}"]
     if report.get("in_use_by") is not None:
         lines.append(f"in use by pid {report['in_use_by']} (a pull or resume is running)")
-    if not report["transfers"] and not report["pulls"]:
+    if not report["transfers"] and not report["pulls"] and not report["orphans"]:
         lines.append("nothing unfinished")
     for p in report["pulls"]:
         lines.append(
-            f"pull {p['id']} {p['reference']}: {p['state']}"
+            f"pull {p['id']} {p['reference']}: {_state_text(p)}"
             + (f" ({p['last_error']})" if p["last_error"] else "")
         )
         for layer in p["layers"]:
@@ -160,4 +218,13 @@ def render_text(report: dict[str, Any]) -> str:
             f"  wire {format_bytes(t['wire_bytes'])}  wasted {format_bytes(t['wasted_bytes'])}"
             + (f"  last error: {t['last_error']}" if t["last_error"] else "")
         )
+    if report["orphans"]:
+        total = sum(o["size"] for o in report["orphans"])
+        lines.append(
+            f"kept aside (no record; adopted if the same blob is fetched again, deleted by"
+            f" `resumer prune` or the partial budget): {len(report['orphans'])} partials,"
+            f" {format_bytes(total)}"
+        )
+        for o in report["orphans"]:
+            lines.append(f"  {o['name'][:19]}  {format_bytes(o['size'])}")
     return "\n".join(lines) + "\n"

@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
 import aiosqlite
 
 from .clock import Clock, SystemClock
-from .errors import SchemaTooNewError, StoreError
+from .errors import CorruptStateError, DiskFullError, SchemaTooNewError, StoreError
 from .layout import fsync_dir
 
 T = TypeVar("T")
@@ -133,20 +136,35 @@ class Store:
 
     @classmethod
     async def open(
-        cls, path: Path, *, clock: Clock | None = None, migrations: Path | None = None
+        cls,
+        path: Path,
+        *,
+        clock: Clock | None = None,
+        migrations: Path | None = None,
+        read_only: bool = False,
     ) -> Store:
-        """Open (creating and migrating as needed) the database at ``path``."""
+        """Open (creating and migrating as needed) the database at ``path``.
+
+        ``read_only``: open an existing database without writing to it (``status``, ``ls``):
+        it works on a root this user may not write, and never creates or migrates.
+        """
         created = not path.exists()
+        if read_only and created:
+            raise StoreError(f"{path}: no state database here")
         try:
-            conn = await aiosqlite.connect(path, isolation_level=None)
+            if read_only:
+                target = f"file:{quote(str(path.absolute()))}?mode=ro"
+                conn = await aiosqlite.connect(target, isolation_level=None, uri=True)
+            else:
+                conn = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
-            raise StoreError(f"{path}: cannot open state database: {exc}") from exc
+            raise db_error(path, exc) from exc
         steps = load_migrations(migrations)
         try:
-            await conn._execute(_setup, conn._conn, path, steps)  # type: ignore[no-untyped-call]
-        except sqlite3.DatabaseError as exc:
+            await conn._execute(_setup, conn._conn, path, steps, read_only)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as exc:
             await conn.close()
-            raise StoreError(f"{path}: not a usable state database: {exc}") from exc
+            raise db_error(path, exc) from exc
         except BaseException:
             await conn.close()
             raise
@@ -175,14 +193,14 @@ class Store:
                 )
                 return result
             except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
+                raise db_error(self.path, exc) from exc
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """A read-only query outside any transaction."""
         try:
             return list(await self._conn.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise db_error(self.path, exc) from exc
 
     # --- transfers -------------------------------------------------------------------
 
@@ -397,8 +415,68 @@ class Store:
         return [_attempt(r) for r in rows]
 
 
-def _setup(conn: sqlite3.Connection, path: Path, steps: list[tuple[int, str, str]]) -> None:
+def move_aside(db: Path) -> Path | None:
+    """Move ``db`` with its WAL and shared-memory files into a new folder beside it
+    (``state.db.broken-<UTC time>``), durably; None when there is no database. The caller
+    holds the root lock. Partials are untouched: gc keeps them aside for adoption."""
+    names = (db.name, db.name + "-wal", db.name + "-shm")
+    parts = [db.with_name(n) for n in names if db.with_name(n).exists()]
+    if not parts:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = db.with_name(f"{db.name}.broken-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = db.with_name(f"{db.name}.broken-{stamp}-{n}")
+    dest.mkdir()
+    for p in parts:
+        os.replace(p, dest / p.name)
+    fsync_dir(dest)
+    fsync_dir(db.parent)
+    return dest
+
+
+def db_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    """The one mapping of SQLite's errors: a full disk and a corrupt file each get an
+    error that says what to do; anything else names the file and SQLite's words."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in text:
+        return DiskFullError(
+            f"disk full: cannot write the state database {path}; free space on its file"
+            " system and run the same command again (every partial download is kept)"
+        )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or (
+        "malformed" in text or "not a database" in text
+    ):
+        root = path.parent
+        return CorruptStateError(
+            f"{path} is not a usable state database ({text}). To move it aside and start"
+            f" afresh, keeping every partial download: resumer reset-state --root {root}"
+        )
+    return StoreError(f"{path}: {text}")
+
+
+def _setup(
+    conn: sqlite3.Connection, path: Path, steps: list[tuple[int, str, str]], read_only: bool
+) -> None:
     conn.row_factory = sqlite3.Row
+    if read_only:
+        # Touch the file so a non-database fails here, with the advice, not later.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(steps):
+            raise SchemaTooNewError(
+                f"{path}: schema version {version} is newer than this resumer understands"
+                f" ({len(steps)}); upgrade resumer"
+            )
+        if version < len(steps):
+            raise StoreError(
+                f"{path}: schema version {version} is older than this resumer's"
+                f" ({len(steps)}); any command that writes (pull, resume, fetch) upgrades it"
+            )
+        conn.execute("PRAGMA query_only = ON")
+        return
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StoreError(f"{path}: cannot switch the state database to WAL mode (got {mode})")
