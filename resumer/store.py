@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import logging
 import os
 import sqlite3
 import time
@@ -25,6 +26,8 @@ import aiosqlite
 from .clock import Clock, SystemClock
 from .errors import CorruptStateError, DiskFullError, SchemaTooNewError, StoreError
 from .layout import fsync_dir
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -172,10 +175,51 @@ class Store:
             # SQLite syncs the directory for its WAL, not for the database file it
             # created: without this a power cut can leave a WAL with no database.
             await asyncio.to_thread(fsync_dir, path.parent)
-        return cls(conn, path, clock or SystemClock())
+        store = cls(conn, path, clock or SystemClock())
+        if not read_only:
+            await asyncio.to_thread(store._make_reserve)
+        return store
 
     async def close(self) -> None:
         await self._conn.close()
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def _make_reserve(self) -> None:
+        """Set aside RESERVE_BYTES of real blocks beside the database. When the disk fills
+        (with partials, say), releasing them lets the database record what happened, so
+        ``status`` can say "disk full" rather than "killed or crashed"."""
+        path = self.reserve_path
+        if path.exists():
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            # No room even for the reserve: work without it; a full disk is reported anyway.
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot set aside %s (%s)", path, exc.strerror or exc)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning(
+            "disk full: released the %d-byte reserve %s to record it",
+            RESERVE_BYTES,
+            self.reserve_path,
+        )
+        return True
 
     async def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn`` as one write transaction in the database thread: one await.
@@ -186,14 +230,20 @@ class Store:
         cut costs re-verification or accounting, never a wrong claim.
         """
         async with self._lock:
-            try:
-                # aiosqlite's own hand-off: the whole transaction is one await.
-                result: T = await self._conn._execute(  # type: ignore[no-untyped-call]
-                    _transaction, self._conn._conn, fn, durable
-                )
-                return result
-            except sqlite3.Error as exc:
-                raise db_error(self.path, exc) from exc
+            for last_try in (False, True):
+                try:
+                    # aiosqlite's own hand-off: the whole transaction is one await.
+                    result: T = await self._conn._execute(  # type: ignore[no-untyped-call]
+                        _transaction, self._conn._conn, fn, durable
+                    )
+                    return result
+                except sqlite3.Error as exc:
+                    error = db_error(self.path, exc)
+                    if last_try or not isinstance(error, DiskFullError):
+                        raise error from exc
+                    if not await asyncio.to_thread(self._release_reserve):
+                        raise error from exc
+            raise AssertionError("unreachable")
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """A read-only query outside any transaction."""
@@ -487,6 +537,9 @@ def _setup(
     conn.execute("PRAGMA busy_timeout = 10000")
     _migrate(conn, path, steps)
 
+
+#: room kept beside state.db for recording a full disk (a few hundred WAL frames)
+RESERVE_BYTES = 2 << 20
 
 _FULL, _NORMAL = "FULL", "NORMAL"  # PRAGMA synchronous levels
 
