@@ -136,6 +136,9 @@ class Store:
         self.path = path
         self.clock = clock
         self._lock = asyncio.Lock()
+        #: set once this process met a full disk: partial writers stop, so the space the
+        #: reserve frees goes to recording it (see Partial._write_batch)
+        self.disk_full = False
 
     @classmethod
     async def open(
@@ -239,6 +242,8 @@ class Store:
                     return result
                 except sqlite3.Error as exc:
                     error = db_error(self.path, exc)
+                    if isinstance(error, DiskFullError):
+                        self.disk_full = True
                     if last_try or not isinstance(error, DiskFullError):
                         raise error from exc
                     if not await asyncio.to_thread(self._release_reserve):

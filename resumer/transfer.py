@@ -293,6 +293,10 @@ def _settled(task: asyncio.Task[BlobResult]) -> asyncio.Future[None]:
 
     async def wait() -> None:
         await asyncio.wait([task])
+        if not task.cancelled():
+            # Its error was its watchers' to see; the last one left: mark it seen, or the
+            # loop logs "Task exception was never retrieved" with a traceback.
+            task.exception()
 
     return asyncio.ensure_future(wait())
 
@@ -363,8 +367,9 @@ class TransferManager:
             return await asyncio.shield(shared.task)
         except asyncio.CancelledError:
             shared.watchers.remove(emit)
-            if not shared.watchers and shared.task is not None and not shared.task.done():
-                shared.task.cancel()  # the partial is kept by run_transfer
+            if not shared.watchers and shared.task is not None:
+                if not shared.task.done():
+                    shared.task.cancel()  # the partial is kept by run_transfer
                 await _wait_through_cancels(_settled(shared.task))
             raise
         finally:

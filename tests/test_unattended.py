@@ -234,3 +234,26 @@ def test_status_reads_a_root_it_may_not_write(tmp_path: Path, nginx_factory: Ngi
     assert res.returncode == 0, res.stderr
     assert "partial transfers:" in res.stdout
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+
+
+def test_a_pull_onto_a_full_disk_says_disk_full_and_a_later_pull_finishes(
+    tmp_path: Path, pushed_image: PushImage
+) -> None:
+    image = pushed_image(
+        "lab/big",
+        "v1",
+        [LayerSpec(size=6 * MiB, compressible=False) for _ in range(3)],
+    )
+    with small_fs(tmp_path / "small", "10m") as small:
+        root = small / "root"
+        args = ["pull", image.reference, "--root", str(root), "--progress", "plain"]
+        first = cli(*args)
+        assert first.returncode == 1, first.stderr
+        assert "disk full" in first.stderr, first.stderr
+        assert "Traceback" not in first.stderr and "Task exception" not in first.stderr
+        status = cli("status", "--root", str(root))
+        assert "disk full" in status.stdout, status.stdout
+        subprocess.run(["mount", "-o", "remount,size=80m", str(small)], check=True)
+        second = cli(*args)
+        assert second.returncode == 0, second.stderr
+        assert image.digest in (root / "index.json").read_text()
