@@ -12,6 +12,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,6 +62,13 @@ def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
             help="hash and record partials in chunks of this size (default 1048576); "
             "smaller chunks cost throughput on fast links",
         )
+        p.add_argument(
+            "--partial-budget",
+            dest="partial_budget_bytes",
+            metavar="SIZE",
+            help="disk the partials may use (default 16GiB, at least 64MiB); SIZE is "
+            "bytes or a number with K, M, G or T, all 1024-based (16G = 16GiB)",
+        )
         p.add_argument("--no-checkpoints", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -71,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download one URL resumably, verified before it appears")
     f.add_argument("url")
     f.add_argument("--digest", help="expected sha256:HEX (without it: keyed by URL + ETag)")
-    f.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    f.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="where the verified blob appears: a new or regular file, replaced atomically "
+        "(temp file, fsync, rename); a device, FIFO, socket or directory is refused, and so "
+        "is a symbolic link (pass its target path instead). '-' writes the blob to stdout "
+        "once verified, with progress on stderr (./- names a file called -)",
+    )
     _common(f)
 
     pl = sub.add_parser("pull", help="pull an image into an OCI layout, resumably")
@@ -95,19 +112,90 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _common(s, transfer=False)
 
+    ls = sub.add_parser("ls", help="list the stored pulls (what resume continues), by id")
+    ls.add_argument("-a", "--all", action="store_true", help="finished pulls too")
+    ls.add_argument("--json", action="store_true")
+    _common(ls, transfer=False)
+
+    rm = sub.add_parser(
+        "rm", help="remove stored pulls by id or reference; their partials stay (budget gc)"
+    )
+    rm.add_argument("pulls", nargs="+", metavar="PULL", help="an id from `resumer ls`, or IMAGE")
+    _common(rm, transfer=False)
+
+    pr = sub.add_parser("prune", help="delete the partials kept aside for lack of a record")
+    _common(pr, transfer=False)
+
+    rs = sub.add_parser(
+        "reset-state",
+        help="move an unusable state.db aside and start afresh, keeping every partial",
+    )
+    _common(rs, transfer=False)
+
     _add_demo_parser(sub)
     return parser
 
 
+#: the demo builds its image on disk: a bigger one is a typo, not a demonstration
+DEMO_MAX_SIZE_MIB = 4096
+
+
+def _demo_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if not 1 <= value <= DEMO_MAX_SIZE_MIB:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {DEMO_MAX_SIZE_MIB} MiB, got {text}"
+        )
+    return value
+
+
+def _demo_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of Mbit/s: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite rate above 0 Mbit/s, got {text}")
+    return value
+
+
+def _demo_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction of the layers strictly between 0 and 1 (e.g. 0.5), got {text}"
+        )
+    return value
+
+
 def _add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="offline demonstration on a local lossy link")
-    p.add_argument("--size-mib", type=int, default=48, help="image size (default 48)")
-    p.add_argument("--rate-mbps", type=float, default=200.0, help="link rate, Mbit/s")
+    p.add_argument(
+        "--size-mib",
+        type=_demo_size,
+        default=48,
+        help=f"image size, 1 to {DEMO_MAX_SIZE_MIB} (default 48)",
+    )
+    p.add_argument("--rate-mbps", type=_demo_rate, default=200.0, help="link rate, Mbit/s")
     p.add_argument("--seed", type=int, default=7, help="seed of the image and the cuts")
-    p.add_argument("--workdir", type=Path, help="keep files here instead of a temp dir")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep files here instead of a temp dir: a new or empty directory, or one an "
+        "earlier demo made (its image, registry and root are replaced)",
+    )
     p.add_argument("--progress", choices=["auto", "tty", "plain", "json", "none"])
     p.add_argument(
-        "--kill-at", type=float, default=0.5, help="SIGKILL the pull at this fraction (0.5)"
+        "--kill-at",
+        type=_demo_fraction,
+        default=0.5,
+        help="SIGKILL the pull at this fraction of the layers, between 0 and 1 (0.5)",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip measuring the from-zero client")
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -137,6 +225,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "low_speed_limit",
             "low_speed_time",
             "chunk_size",
+            "partial_budget_bytes",
             "progress",
             "platform",
         )
@@ -157,21 +246,33 @@ def root_of(args: argparse.Namespace) -> Path:
 
 
 async def _fetch(args: argparse.Namespace, config: Config) -> int:
-    from .engine import Engine
+    from .digest import Digest
+    from .engine import Engine, check_output
+    from .source import check_url
 
-    render = P.renderer(config.progress, sys.stdout)
-    out = args.output
-    if out.is_dir():
-        raise UsageError(f"output {out} is a directory; give a file name")
-    if not out.absolute().parent.is_dir():
-        raise UsageError(f"output {out}: directory {out.absolute().parent} does not exist")
+    global _stdout_is_data
+    to_stdout = args.output == "-"
+    if to_stdout and sys.stdout is None:
+        raise UsageError("-o -: stdout is closed; give a file name")
+    # Everything that can be refused is refused before the root is opened (or waited
+    # for) and before a byte moves; Engine.fetch checks the same again.
+    check_url(args.url)
+    if args.digest is not None:
+        Digest.parse(args.digest)
+    out = None if to_stdout else Path(args.output)
+    if out is not None:
+        check_output(out)
+    # With -o -, stdout carries the blob and nothing else: progress goes to stderr.
+    _stdout_is_data = to_stdout
+    render = P.renderer(config.progress, sys.stderr if to_stdout else sys.stdout)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
-        try:
-            result = await engine.fetch(
-                args.url, digest=args.digest, dest=out, on_progress=render or P.ignore
-            )
-        finally:
-            pass
+        result = await engine.fetch(
+            args.url,
+            digest=args.digest,
+            dest=out,
+            stream=sys.stdout.buffer if to_stdout else None,
+            on_progress=render or P.ignore,
+        )
     if render is not None:
         render(P.Event("", f"Digest: {result.digest}"))
         render.stats(result.stats)
@@ -201,16 +302,25 @@ async def _resume(args: argparse.Namespace, config: Config) -> int:
 
     render = P.renderer(config.progress, sys.stdout)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
-        outcomes = await engine.resume(on_progress=render or P.ignore)
+        result = await engine.resume(on_progress=render or P.ignore)
     total = P.Stats()
-    for outcome in outcomes:
+    for outcome in result.outcomes:
         total.add(outcome.stats)
         if render is not None:
             render(P.Event("", f"Status: {outcome.status}"))
+    for failure in result.failures:
+        _emit_error(config, f"pull {failure.pull_id} of {failure.reference}: {failure.error}")
     if render is not None:
-        if not outcomes:
+        if not result.outcomes and not result.failures:
             render(P.Event("", "Status: nothing to resume"))
         render.stats(total)
+    if result.failures:
+        done = len(result.outcomes)
+        _say(
+            f"{len(result.failures)} of {done + len(result.failures)} stored pulls failed;"
+            " `resumer ls` lists them, `resumer rm PULL` drops one"
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -225,8 +335,83 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def _ls(args: argparse.Namespace, config: Config) -> int:
+    from .status import list_pulls, render_pulls
+
+    pulls = await list_pulls(root_of(args), finished=args.all)
+    if args.json:
+        sys.stdout.write(json.dumps(pulls, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_pulls(pulls))
+    return EXIT_OK
+
+
+async def _rm(args: argparse.Namespace, config: Config) -> int:
+    from .engine import Engine
+    from .pulls import Pulls
+
+    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+        pulls = Pulls(engine.store)
+        found = {which: await pulls.find(which) for which in args.pulls}
+        missing = [which for which, hits in found.items() if not hits]
+        if missing:
+            raise UsageError(
+                f"no stored pull {', '.join(missing)} in {engine.root} (see `resumer ls -a`)"
+            )
+        for hits in found.values():
+            for pull in hits:
+                await pulls.remove(pull.id)
+                sys.stdout.write(f"Removed pull {pull.id} {pull.reference}\n")
+    return EXIT_OK
+
+
+async def _prune(args: argparse.Namespace, config: Config) -> int:
+    from .engine import Engine
+    from .gc import prune_orphans
+    from .progress import format_bytes
+
+    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+        removed = await prune_orphans(engine.ingest)
+    for name, size in removed:
+        sys.stdout.write(f"Deleted {name} ({format_bytes(size)})\n")
+    total = sum(size for _, size in removed)
+    sys.stdout.write(f"Total reclaimed space: {format_bytes(total)}\n")
+    return EXIT_OK
+
+
+async def _reset_state(args: argparse.Namespace, config: Config) -> int:
+    from .rootlock import RootLock
+    from .store import move_aside
+
+    root = root_of(args)
+    lock = RootLock(root)
+    await lock.acquire(on_wait=_say)
+    try:
+        moved = await asyncio.to_thread(move_aside, root / "state.db")
+    finally:
+        lock.release()
+    if moved is None:
+        sys.stdout.write(f"{root / 'state.db'}: nothing to move aside\n")
+    else:
+        sys.stdout.write(
+            f"Moved {root / 'state.db'} aside to {moved}; the next command starts a fresh one"
+            " and keeps every partial download (adopted again when the same blob is fetched)\n"
+        )
+    return EXIT_OK
+
+
 _HANDLERS.update(
-    {"fetch": _fetch, "pull": _pull, "resume": _resume, "status": _status, "demo": _demo}
+    {
+        "fetch": _fetch,
+        "pull": _pull,
+        "resume": _resume,
+        "status": _status,
+        "ls": _ls,
+        "rm": _rm,
+        "prune": _prune,
+        "reset-state": _reset_state,
+        "demo": _demo,
+    }
 )
 
 
@@ -294,10 +479,15 @@ def _tune_process() -> None:
     gc.freeze()
 
 
+#: set by ``fetch -o -``: stdout carries the blob, so JSON errors go to stderr
+_stdout_is_data = False
+
+
 def _emit_error(config: Config, message: str) -> None:
     if config.progress == "json":
-        sys.stdout.write(json.dumps({"error": message, "errorDetail": {"message": message}}) + "\n")
-        sys.stdout.flush()
+        out = sys.stderr if _stdout_is_data else sys.stdout
+        out.write(json.dumps({"error": message, "errorDetail": {"message": message}}) + "\n")
+        out.flush()
     _say(message)
 
 

@@ -2,13 +2,20 @@
 
 Precedence: flag, then environment (``RESUMER_<KEY>``), then the JSON config file
 (dockerd's key names), then the default.
+
+Sizes (``partial-budget-bytes``, ``--partial-budget``) are plain bytes or a number with a
+unit, parsed by ``parse_size``: K, M, G, T are 1024-based, as in curl, aria2 and docker
+(``KB``/``KiB`` mean the same), so ``16GiB`` = ``16G`` = 17179869184 bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +23,14 @@ from typing import Any
 
 from .errors import ConfigError
 
+KiB = 1 << 10
 MiB = 1 << 20
+GiB = 1 << 30
+#: The most seconds any time option may say (about 31 years): anything above is a typo,
+#: and n × retry-delay must stay a finite number.
+MAX_SECONDS = 1e9
+#: A smaller partial budget would let the next start delete nearly every partial.
+MIN_PARTIAL_BUDGET = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -54,9 +68,16 @@ class Config:
             raise ConfigError(
                 f"max-concurrent-downloads must be at least 1, got {self.max_concurrent_downloads}"
             )
-        for name in ("retry_delay", "stall_timeout", "low_speed_time", "connect_timeout"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name.replace('_', '-')} must not be negative")
+        for name in _FLOAT_FIELDS:
+            _check_seconds(name.replace("_", "-"), getattr(self, name))
+        if self.low_speed_limit < 0:
+            raise ConfigError(f"low-speed-limit must not be negative, got {self.low_speed_limit}")
+        if self.partial_budget_bytes < 0:
+            # The CLI, environment and file insist on MIN_PARTIAL_BUDGET (see build);
+            # the library lets a caller (a test) ask for less.
+            raise ConfigError(
+                f"partial-budget-bytes must not be negative, got {self.partial_budget_bytes}"
+            )
         if self.chunk_size < 4096 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk-size must be a power of two ≥ 4096, got {self.chunk_size}")
         if self.progress not in ("auto", "tty", "plain", "json", "none"):
@@ -84,17 +105,111 @@ _FILE_KEYS = {
     "progress": "progress",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+#: every float option is a number of seconds: finite, ≥ 0, at most MAX_SECONDS
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.type == "float")
+#: options given as sizes (parse_size), with the least each may be set to by a user
+_SIZE_MINIMUMS = {"partial_budget_bytes": MIN_PARTIAL_BUDGET}
+#: the command-line flag of an option whose flag is not ``--<file key>``
+_FLAG_NAMES = {"partial_budget_bytes": "--partial-budget"}
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    **{u: KiB for u in ("k", "kb", "kib")},
+    **{u: MiB for u in ("m", "mb", "mib")},
+    **{u: GiB for u in ("g", "gb", "gib")},
+    **{u: GiB << 10 for u in ("t", "tb", "tib")},
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", re.ASCII)
+#: SQLite's integers end here; no disk is this big
+_MAX_SIZE = (1 << 63) - 1
+SIZE_HELP = "bytes, or a number with K, M, G or T (1024-based; KiB, MiB, GiB, TiB also accepted)"
+
+
+def parse_size(value: Any, *, option: str) -> int:
+    """Bytes from ``16GiB``, ``512M``, ``1.5G``, ``10k``, ``4096`` or a JSON number.
+
+    K, M, G and T are powers of 1024 whatever the case or the ``B``/``iB`` after them
+    (curl's, aria2's and docker's reading); a fraction is rounded down to whole bytes.
+    ``ConfigError`` naming ``option`` for anything else: negative, non-finite, garbage.
+    """
+    number: decimal.Decimal | int
+    factor = 1
+    if isinstance(value, bool):
+        raise ConfigError(f"{option}: invalid size {value!r}: use {SIZE_HELP}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ConfigError(f"{option}: invalid size {value!r}: use a whole number of bytes")
+        number = int(value)
+    elif isinstance(value, str):
+        m = _SIZE.fullmatch(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ConfigError(f"{option}: invalid size {value!r}: use {SIZE_HELP}")
+        number, factor = decimal.Decimal(m.group(1)), _SIZE_UNITS[unit]
+    else:
+        raise ConfigError(f"{option}: invalid size {value!r}: use {SIZE_HELP}")
+    if number < 0:
+        raise ConfigError(f"{option}: a size must not be negative, got {value!r}")
+    if number > _MAX_SIZE:  # before multiplying: "9" * 10000 stays cheap
+        raise ConfigError(f"{option}: size {value!r} is too large")
+    size = int(number * factor)
+    if size > _MAX_SIZE:
+        raise ConfigError(f"{option}: size {value!r} is too large")
+    return size
+
+
+def format_size(n: int) -> str:
+    """``64 MiB``, ``16 GiB``, ``1536 B``: the largest unit that divides ``n`` exactly."""
+    for unit, factor in (("TiB", GiB << 10), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} B"
+
+
+def _check_size(name: str, value: int, option: str) -> None:
+    least = _SIZE_MINIMUMS.get(name)
+    if least is not None and value < least:
+        raise ConfigError(
+            f"{option} must be at least {format_size(least)} ({least} bytes), "
+            f"got {format_size(value)}"
+        )
+
+
+def _check_seconds(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{option} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{option} must be a finite number of seconds, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{option} must not be negative, got {value!r}")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{option} must be at most {MAX_SECONDS:g} seconds, got {value!r}")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind = _FIELDS[name].type
+    flag = name.replace("_", "-")
+    if name in _SIZE_MINIMUMS:
+        size = parse_size(value, option=f"{source}: {flag}")
+        _check_size(name, size, f"{source}: {flag}")
+        return size
     try:
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
             return int(value)
         if kind == "float":
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            seconds = float(value)
+            try:
+                _check_seconds(flag, seconds)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+            return seconds
         if kind == "bool":
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes", "on")
@@ -108,8 +223,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value is not None and not isinstance(value, str):
             raise ValueError
         return value
-    except (TypeError, ValueError) as exc:
-        flag = name.replace("_", "-")
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{source}: invalid value {value!r} for {flag}") from exc
 
 
@@ -121,7 +235,7 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
         raise ConfigError(f"config file {path}: not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a JSON object")
@@ -150,12 +264,25 @@ def build(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Merge default < file < environment < flags (flags set to None are absent)."""
+    """Merge default < file < environment < flags (flags set to None are absent).
+
+    A size flag may be a string with a unit (``--partial-budget 16GiB``); every value
+    is checked here with the flag, variable or file that gave it named in the error.
+    """
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_file(config_file))
     values.update(load_env(os.environ if environ is None else environ))
-    values.update({k: v for k, v in flags.items() if v is not None})
+    for name, value in flags.items():
+        if value is None:
+            continue
+        option = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        if name in _SIZE_MINIMUMS:
+            value = parse_size(value, option=option)
+            _check_size(name, value, option)
+        elif name in _FLOAT_FIELDS:
+            _check_seconds(option, value)
+        values[name] = value
     return Config(**values)
 
 

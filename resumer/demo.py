@@ -31,6 +31,7 @@ from typing import Any
 
 from . import progress as P
 from .config import Config
+from .errors import UsageError
 from .lab.images import BuiltImage, LayerSpec, build_image, file_digest
 from .lab.proxy import FaultProxy, Faults
 from .lab.registry import FromZeroResult, OfflineRegistry, pull_from_zero
@@ -68,10 +69,39 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         baseline=not args.no_baseline,
     )
     if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
+        check_workdir(args.workdir)
         return await run_demo(args.workdir, options)
     with tempfile.TemporaryDirectory(prefix="resumer-demo-") as tmp:
         return await run_demo(Path(tmp), options)
+
+
+def check_workdir(workdir: Path) -> None:
+    """Make ``--workdir`` ready, or refuse it (``UsageError``) before anything is built.
+
+    The demo replaces its ``image``, ``registry`` and ``root`` there, so a directory that
+    holds anything else, and was not made by an earlier demo, is refused: it may be
+    someone's data (a resumer root, say, which has a ``root``-like layout of its own).
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir}: not a directory; give a new or empty directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        contents = {p.name for p in workdir.iterdir()}
+    except OSError as exc:
+        raise UsageError(f"--workdir {workdir}: cannot use it: {exc.strerror or exc}") from exc
+    if contents and _WORKDIR_MARK not in contents:
+        raise UsageError(
+            f"--workdir {workdir}: not empty and not made by resumer demo "
+            "(the demo replaces what it finds there); give a new or empty directory"
+        )
+    try:
+        (workdir / _WORKDIR_MARK).write_text("made by resumer demo; safe to delete\n")
+    except OSError as exc:
+        raise UsageError(f"--workdir {workdir}: not writable: {exc.strerror or exc}") from exc
+
+
+#: marks a --workdir as the demo's own, so a later demo may replace what it holds
+_WORKDIR_MARK = ".resumer-demo"
 
 
 @dataclass(frozen=True)

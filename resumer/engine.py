@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import aiohttp
 
@@ -24,15 +26,22 @@ from . import progress as P
 from .clock import Clock, SystemClock
 from .config import Config
 from .digest import Digest
-from .errors import StoreError
+from .errors import (
+    OutputError,
+    PublishError,
+    ResumerError,
+    RootUnusableError,
+    UsageError,
+)
+from .fetch import revalidate
 from .gc import collect_partials
 from .ingest import Ingest
-from .layout import Layout, fsync_dir, make_dirs
+from .layout import Layout, create_temp, fsync_dir, make_dirs
 from .progress import Stats
 from .rootlock import RootLock
-from .source import UrlSource, redact_url
-from .store import Store
-from .transfer import BlobRequest, TransferContext, TransferManager
+from .source import UrlSource, check_url, redact_url
+from .store import Store, TransferState
+from .transfer import BlobRequest, BlobResult, TransferContext, TransferManager
 
 if TYPE_CHECKING:  # the pull machinery loads on first use: `resumer fetch` starts faster
     from .pull import PullOutcome
@@ -48,6 +57,21 @@ class FetchResult:
     size: int
     stats: Stats = field(default_factory=Stats)
     attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ResumeFailure:
+    pull_id: int
+    reference: str
+    error: ResumerError
+
+
+@dataclass
+class ResumeResult:
+    """What ``Engine.resume`` did: the pulls that finished and the ones that failed."""
+
+    outcomes: list[PullOutcome] = field(default_factory=list)
+    failures: list[ResumeFailure] = field(default_factory=list)
 
 
 def url_key(url: str) -> str:
@@ -134,29 +158,45 @@ class Engine:
             emit=on_progress,
         )
 
-    async def resume(self, on_progress: P.ProgressCallback = P.ignore) -> list[PullOutcome]:
-        """Continue every unfinished pull, oldest first, with its stored options."""
-        from .pull import config_with, layout_for, pull_image
-        from .pulls import Pulls
+    async def resume(self, on_progress: P.ProgressCallback = P.ignore) -> ResumeResult:
+        """Continue every unfinished pull, oldest first, with its stored options.
 
-        outcomes = []
-        for stored in await Pulls(self.store).unfinished():
+        One pull that fails, for good or for this run, never stops the others: an
+        unattended gateway would otherwise stall behind it. Each failure is returned (and
+        stored on its pull) beside the outcomes of the pulls that finished.
+        """
+        from .pull import config_with, layout_for, pull_image
+        from .pulls import Pulls, PullState
+        from .retry import fails_for_good
+
+        pulls = Pulls(self.store)
+        result = ResumeResult()
+        for stored in await pulls.unfinished():
             config = config_with(self.config, stored.options)
-            outcomes.append(
-                await pull_image(
-                    stored.reference,
-                    client=self.registry(config),
-                    transfers=self.transfers,
-                    store=self.store,
-                    config=config,
-                    dest=layout_for(self.root, Path(stored.dest)),
-                    content=self.ingest.layout,
-                    platform=stored.platform,
-                    emit=on_progress,
-                    pin=stored.manifest_digest,
+            try:
+                result.outcomes.append(
+                    await pull_image(
+                        stored.reference,
+                        client=self.registry(config),
+                        transfers=self.transfers,
+                        store=self.store,
+                        config=config,
+                        dest=layout_for(self.root, Path(stored.dest)),
+                        content=self.ingest.layout,
+                        platform=stored.platform,
+                        emit=on_progress,
+                        pin=stored.manifest_digest,
+                    )
                 )
-            )
-        return outcomes
+            except ResumerError as exc:
+                log.warning("resume: pull %d of %s failed: %s", stored.id, stored.reference, exc)
+                # pull_image stores failures once the pull is under way; one that came
+                # before (the manifest gone, a corrupt destination) is stored here.
+                await pulls.set_state(
+                    stored.id, PullState.FAILED, error=str(exc), permanent=fails_for_good(exc)
+                )
+                result.failures.append(ResumeFailure(stored.id, stored.reference, exc))
+        return result
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -174,7 +214,9 @@ class Engine:
         try:
             make_dirs(root)
         except OSError as exc:
-            raise StoreError(f"cannot create root {root}: {exc.strerror or exc}") from exc
+            # A root that cannot be a directory (a file in the way, a read-only mount) is
+            # a configuration problem: exit 2, like the other unusable roots.
+            raise RootUnusableError(f"cannot use root {root}: {exc.strerror or exc}") from exc
         lock = RootLock(root)
         await lock.acquire(timeout=lock_timeout, on_wait=on_wait)
         try:
@@ -185,7 +227,10 @@ class Engine:
                     engine = cls(root, config, store, session, clock or SystemClock())
                     engine.lock = lock
                     await collect_partials(engine.ingest, config.partial_budget_bytes)
-                    yield engine
+                    try:
+                        yield engine
+                    finally:
+                        await engine.transfers.close()  # before the session and store close
             finally:
                 await store.close()
         finally:
@@ -199,37 +244,207 @@ class Engine:
         dest: Path | None = None,
         on_progress: P.ProgressCallback = P.ignore,
         headers: dict[str, str] | None = None,
+        stream: BinaryIO | None = None,
     ) -> FetchResult:
-        """Download one URL resumably; ``dest`` appears only once the content is verified."""
+        """Download one URL resumably; ``dest`` appears only once the content is verified.
+
+        Before the first byte moves, the URL must be http(s) (``UrlError``) and ``dest``
+        must pass ``check_output`` (``OutputError``). ``stream`` (stdout, say) receives
+        the verified blob instead of a path; the result's path is then ``-``. If the
+        verified blob cannot be published, it stays in the store and the error says how
+        to publish it without downloading it again.
+        """
+        check_url(url)
         if digest is not None:
             digest = str(Digest.parse(digest))
+        if dest is not None and stream is not None:
+            raise UsageError("fetch: give dest or stream, not both")
+        if dest is not None:
+            await asyncio.to_thread(check_output, dest)
         source = UrlSource(url, headers)
         key = digest or url_key(url)
         req = BlobRequest(key, source, digest=digest)
         log.info("fetch %s -> %s", redact_url(url), key)
-        result = await self.transfers.fetch(req, on_progress)
-        if dest is not None:
-            # A blob that was already in the store may be shared by images: copy it.
-            # One this fetch brought in is moved out, so a 1 GiB fetch costs no copy.
-            await asyncio.to_thread(publish, result.path, dest, move=not result.existed)
-        return FetchResult(
-            dest or result.path, result.digest, result.size, result.stats, result.attempts
+        result = await self._kept(req) if digest is None else None
+        if result is None:
+            result = await self.transfers.fetch(req, on_progress)
+        if dest is None and stream is None:
+            return FetchResult(
+                result.path, result.digest, result.size, result.stats, result.attempts
+            )
+        kept = (
+            f"the verified blob is kept in {self.root} as {result.digest}: run again with "
+            f"--digest {result.digest} to publish it without downloading it again"
         )
+        try:
+            if dest is not None:
+                # A blob that was already in the store may be shared by images: copy it.
+                # One this fetch brought in is moved out, so a 1 GiB fetch costs no copy.
+                await asyncio.to_thread(publish, result.path, dest, move=not result.existed)
+            else:
+                assert stream is not None
+                await asyncio.to_thread(stream_blob, result.path, stream)
+        except OutputError as exc:
+            raise OutputError(f"{exc}; {kept}") from exc
+        except OSError as exc:
+            where = dest if dest is not None else getattr(stream, "name", "the output stream")
+            raise PublishError(f"cannot write {where}: {exc.strerror or exc}; {kept}") from exc
+        if stream is not None and not result.existed:
+            # Streamed out, like a file moved out: the store keeps no copy it did not have.
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(result.path.unlink)
+        return FetchResult(
+            dest or Path("-"), result.digest, result.size, result.stats, result.attempts
+        )
+
+    async def _kept(self, req: BlobRequest) -> BlobResult | None:
+        """A URL fetched before whose verified blob is still in the store (its publishing
+        failed, or an image holds the same content), if the server says it is unchanged."""
+        row = await self.store.transfer(req.key)
+        if (
+            row is None
+            or row.state is not TransferState.COMMITTED
+            or not (row.digest and row.validator and row.size is not None)
+            or not self.ingest.has_blob(row.digest, row.size)
+        ):
+            return None
+        endpoints = await req.source.endpoints()
+        if not endpoints or not await revalidate(
+            self.session,
+            endpoints[0],
+            row.validator,
+            row.size,
+            timeout=self.config.stall_timeout,
+        ):
+            return None
+        log.info("fetch %s: unchanged (%s), already in the store", req.source.display, row.digest)
+        path = self.ingest.blob_path(row.digest)
+        return BlobResult(path, row.digest, row.size, existed=True)
+
+
+_KINDS = {
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def _check_kind(dest: Path) -> None:
+    """``OutputError`` unless ``dest`` is absent or a regular file (never followed)."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a parent that is a file, a directory we may not search …
+        raise OutputError(f"output {dest}: {exc.strerror or exc}") from exc
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        target = os.readlink(dest)
+        real = os.path.realpath(dest)
+        raise OutputError(
+            f"output {dest} is a symbolic link to {target}; resumer neither writes through "
+            f"a link nor replaces one: pass the target path (-o {real}) or remove the link"
+        )
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"output {dest} is a directory; give a file name")
+    kind = _KINDS.get(stat.S_IFMT(mode), "special file")
+    raise OutputError(
+        f"output {dest} is a {kind}, not a regular file; resumer only writes regular files, "
+        "replaced atomically (use -o - to write to stdout)"
+    )
+
+
+def check_output(dest: Path) -> None:
+    """Refuse, before any byte moves, an output resumer must not or cannot write.
+
+    ``dest`` must be absent or a regular file (never a device, FIFO, socket, directory or
+    symbolic link), in an existing directory where this process can create files: that
+    is probed by creating one, since ``os.access`` says yes to root on a read-only mount.
+    Raises ``OutputError`` naming the path and the cause.
+    """
+    _check_kind(dest)
+    parent = dest.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"output {dest}: directory {parent} does not exist")
+    try:
+        fd, probe = create_temp(parent, f".{dest.name}.", ".resumer-probe")
+    except OSError as exc:
+        raise OutputError(
+            f"output {dest}: cannot create files in {parent}: {exc.strerror or exc}"
+        ) from exc
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        probe.unlink()
 
 
 def publish(blob: Path, dest: Path, *, move: bool) -> None:
-    """Make a verified blob appear at ``dest`` atomically: rename, else copy then rename."""
+    """Make a verified blob appear at ``dest`` atomically: rename, else copy then rename.
+
+    Only ever a regular file is replaced (checked again here: ``OutputError``), by a
+    rename of a complete, fsynced file in the same directory, then an fsync of that
+    directory. On any failure the blob is left where it was.
+    """
     dest = dest.absolute()
+    _check_kind(dest)
     if move:
         try:
             os.replace(blob, dest)
-        except OSError:
-            move = False
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            move = False  # another file system: copy
     if not move:
         # Never hardlink: a user editing dest would silently corrupt the content store.
-        tmp = dest.with_name(f".{dest.name}.resumer-tmp")
-        shutil.copyfile(blob, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        fd, tmp = create_temp(dest.parent, f".{dest.name}.", ".resumer-tmp")
+        try:
+            try:
+                with open(blob, "rb") as src:
+                    _copy_fd(src.fileno(), fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
     fsync_dir(dest.parent)
+
+
+def stream_blob(blob: Path, out: BinaryIO) -> None:
+    """Write a verified blob to ``out`` (stdout, say), then flush it."""
+    out.flush()
+    with open(blob, "rb") as src:
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+            shutil.copyfileobj(src, out, 1 << 20)
+        else:
+            _copy_fd(src.fileno(), fd)
+    out.flush()
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    """All of ``src`` to ``dst``: sendfile(2) in the kernel, else read and write."""
+    size = os.fstat(src).st_size
+    offset = 0
+    while offset < size:
+        try:
+            sent = os.sendfile(dst, src, offset, min(size - offset, 1 << 30))
+        except OSError as exc:
+            if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            break  # sendfile cannot write there: the plain way
+        if sent == 0:  # the blob shrank under us: never publish a short copy
+            raise OSError(errno.EIO, f"short copy: {offset} of {size} bytes")
+        offset += sent
+    else:
+        return
+    os.lseek(src, 0, os.SEEK_SET)
+    while block := os.read(src, 1 << 20):
+        view = memoryview(block)
+        while view:
+            view = view[os.write(dst, view) :]

@@ -3,10 +3,16 @@
     ResumerError                     base; ``retryable`` says whether another attempt may help
     ├── UsageError                   bad flags, config file or reference (exit 2)
     │   ├── ConfigError
-    │   └── ReferenceError_          an image reference that does not parse
+    │   ├── ReferenceError_          an image reference that does not parse
+    │   ├── UrlError                 a URL fetch cannot use: not http(s), or malformed
+    │   └── OutputError              an output path that must not be written (device, link …)
     ├── StoreError                   the state database or the root directory
+    │   ├── DiskFullError            ENOSPC/EDQUOT: names the path; partials are kept
+    │   ├── CorruptStateError        state.db unusable: names the file and reset-state
     │   ├── SchemaTooNewError        state.db written by a newer resumer
-    │   └── RootLockedError          another process holds the root
+    │   ├── RootLockedError          another process holds the root
+    │   ├── RootUnusableError        the root is not a writable directory (exit 2)
+    │   └── PublishError             a verified blob could not reach its output; kept in store
     ├── TransferError                one blob transfer
     │   ├── TransientError           retryable: cut, stall, 5xx, 408, 429, bad Content-Range …
     │   │   ├── ConnectionCutError
@@ -16,6 +22,7 @@
     │   │   └── RangeRestartError    416 below the expected size: partial discarded
     │   ├── PermanentError           never retried
     │   │   ├── NotFoundError        404
+    │   │   ├── UntrustedCertificateError  TLS certificate verification failed
     │   │   ├── AccessDeniedError    401/403 that persists after one token refresh
     │   │   └── DigestMismatchError  (retryable only when the download was resumed)
     │   ├── UnauthorizedError        401: refresh the token once, not an attempt
@@ -54,8 +61,27 @@ class ReferenceError_(UsageError):
     """An image reference that does not parse."""
 
 
+class UrlError(UsageError):
+    """A URL that ``fetch`` cannot use: a scheme other than http(s), or malformed."""
+
+
+class OutputError(UsageError):
+    """An output path resumer must not write: a device, FIFO, socket, link or directory,
+    or one in a directory it cannot create files in."""
+
+
 class StoreError(ResumerError):
     """The state database or root directory cannot be used."""
+
+
+class DiskFullError(StoreError):
+    """ENOSPC or EDQUOT (or SQLite's "database or disk is full"): names the path. Every
+    partial is kept; a later run continues once space is freed."""
+
+
+class CorruptStateError(StoreError):
+    """state.db is not a database SQLite can use; the message names the command that
+    moves it aside (``resumer reset-state``), which keeps every partial."""
 
 
 class SchemaTooNewError(StoreError):
@@ -64,6 +90,17 @@ class SchemaTooNewError(StoreError):
 
 class RootLockedError(StoreError):
     """Another resumer process holds the root."""
+
+
+class RootUnusableError(StoreError):
+    """The root is not a directory resumer can write (read-only, not writable, a file):
+    a configuration problem, so a usage error."""
+
+    exit_code = 2
+
+
+class PublishError(StoreError):
+    """A verified blob could not be made visible at its output path; it stays in the store."""
 
 
 class TransferError(ResumerError):
@@ -116,6 +153,10 @@ class PermanentError(TransferError):
 
 class NotFoundError(PermanentError):
     """404: unknown blob, manifest or URL."""
+
+
+class UntrustedCertificateError(PermanentError):
+    """The server's TLS certificate does not verify: another attempt meets the same one."""
 
 
 class AccessDeniedError(PermanentError):
@@ -181,3 +222,17 @@ class RegistrationError(ResumerError):
 
 class LinkLabError(ResumerError):
     """The lab cannot run here; the message says why."""
+
+
+def disk_error(doing: str, exc: OSError) -> StoreError:
+    """An OSError from our own disk, as the error to raise: ``doing`` names the step and
+    the path ("cannot write partial /r/ingest/x"). A full disk or quota says so plainly,
+    so ``status`` and the operator see "disk full", not an errno."""
+    import errno  # local: this module imports nothing else
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"disk full: {doing}: free space on that file system and run the same command"
+            " again (every partial download is kept)"
+        )
+    return StoreError(f"{doing}: {exc.strerror or exc}")

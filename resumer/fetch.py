@@ -41,6 +41,7 @@ from .errors import (
     StallError,
     TransferError,
     UnauthorizedError,
+    UntrustedCertificateError,
 )
 from .source import Endpoint, redact_url
 
@@ -196,6 +197,34 @@ async def _attempt(
         resp.close()  # never return a half-read connection to the pool
 
 
+async def revalidate(
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    validator: str,
+    size: int,
+    *,
+    timeout: float = 30.0,
+) -> bool:
+    """Does ``endpoint`` still serve the ``size`` bytes that had ``validator``?
+
+    One byte asked for with ``If-Range``: a 206 for the same total says unchanged; a 200
+    (changed, or a weak validator), an error, no answer within ``timeout`` s or anything
+    else says "fetch it again".
+    """
+    headers = dict(endpoint.headers)
+    headers.update({"Accept-Encoding": "identity", "Range": "bytes=0-0", "If-Range": validator})
+    try:
+        async with asyncio.timeout(timeout or None):
+            resp = await _open(session, endpoint.url, headers, verify_tls=endpoint.verify_tls)
+            try:
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                return resp.status == 206 and m is not None and m.group(3) == str(size)
+            finally:
+                resp.close()
+    except (TransferError, TimeoutError):
+        return False
+
+
 async def _open(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], *, verify_tls: bool = True
 ) -> aiohttp.ClientResponse:
@@ -210,12 +239,31 @@ async def _open(
                 # Unverified only on the endpoint's own host:port (an insecure registry).
                 ssl=verify_tls or urlsplit(url).netloc != origin,
             )
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # Another attempt meets the same certificate: fail now, say what to do.
+            cause = exc.certificate_error
+            reason = getattr(cause, "verify_message", None) or _describe(cause)
+            raise UntrustedCertificateError(
+                f"{redact_url(url)}: TLS certificate not trusted ({reason}); if the server "
+                "uses a private or self-signed certificate, trust its CA with SSL_CERT_FILE=CA.pem"
+            ) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionCutError(f"{redact_url(url)}: {_describe(exc)}") from exc
         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
             resp.release()
-            url = urljoin(url, resp.headers["Location"])
-            if urlsplit(url).netloc != origin:
+            try:
+                url = urljoin(url, resp.headers["Location"])
+                target = urlsplit(url)
+            except ValueError as exc:
+                raise BrokenServerError(
+                    f"{redact_url(url)}: redirect to a malformed URL", status=resp.status
+                ) from exc
+            if target.scheme.lower() not in ("http", "https"):
+                raise PermanentError(
+                    f"{redact_url(url)}: redirected to an unsupported scheme (http and https only)",
+                    status=resp.status,
+                )
+            if target.netloc != origin:
                 # Credentials are for the registry, never for the storage it redirects to.
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             continue
@@ -546,8 +594,8 @@ def _salvage(content: aiohttp.StreamReader) -> list[bytes]:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    # aiohttp messages can quote the full URL, query string included: strip it.
-    return re.sub(r"(https?://[^\s'\"?]+)\?[^\s'\"]*", r"\1?…", text)
+    # aiohttp messages can quote the full URL, userinfo and query string included.
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+", lambda m: redact_url(m.group(0)), text)
 
 
 class _Watchdog:

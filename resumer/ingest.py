@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -32,7 +33,7 @@ import xxhash
 from .clock import Clock
 from .config import Config
 from .digest import to_signed
-from .errors import DigestMismatchError, StoreError, TransferError
+from .errors import DigestMismatchError, DiskFullError, StoreError, TransferError, disk_error
 from .layout import Layout, fsync_dir, make_dirs
 from .store import Store, TransferState
 
@@ -126,6 +127,8 @@ class Ingest:
                 chunk_size=self.config.chunk_size,
             )
             hashes: list[tuple[int, int | None]] = []
+            if digest is not None:
+                hashes = await self._adopt_orphan(key, path, row.chunk_size, size)
         else:
             hashes = await self.store.chunk_hashes(key)
             if size is None:
@@ -149,6 +152,31 @@ class Ingest:
                 reopened.reason,
             )
         return partial, reopened
+
+    async def _adopt_orphan(
+        self, key: str, path: Path, chunk_size: int, size: int | None
+    ) -> list[tuple[int, int | None]]:
+        """Take back a partial that gc kept aside for lack of a record (a lost or emptied
+        state.db): its whole chunks are recorded as they are now and kept.
+
+        Nothing vouches for those bytes, so they count as a resumed download: the final
+        sha256 is the guard, and a mismatch restarts from zero (Docker's rule for a
+        resumed mismatch). A link that delivered them once need not deliver them again.
+        """
+        orphan = self.dir / "orphans" / path.name
+        if not orphan.is_file():
+            return []
+        loop = asyncio.get_running_loop()
+        hashes = await loop.run_in_executor(None, _adopt_file, orphan, path, chunk_size, size)
+        if hashes:
+            await self.store.checkpoint(key, [(i, h, None) for i, h in enumerate(hashes)], None)
+        log.warning(
+            "%s: adopted partial kept aside without a record: %d bytes, unverified until"
+            " the digest check",
+            key,
+            len(hashes) * chunk_size,
+        )
+        return [(h, None) for h in hashes]
 
 
 class _Slab:
@@ -227,13 +255,21 @@ class Partial:
     # --- opening ---------------------------------------------------------------------
 
     async def _reopen(self, hashes: list[tuple[int, int | None]]) -> Reopened:
+        try:
+            return await self._verify_and_open(hashes)
+        except BaseException:
+            # Nobody gets a half-open partial: its threads and file end here.
+            self._release()
+            raise
+
+    async def _verify_and_open(self, hashes: list[tuple[int, int | None]]) -> Reopened:
         loop = asyncio.get_running_loop()
         try:
             offset, discarded, reason, sha, tail = await loop.run_in_executor(
                 self._writer_pool, _verify_prefix, self.path, hashes, self.chunk_size, self.size
             )
         except OSError as exc:
-            raise StoreError(f"partial {self.path}: cannot verify: {exc}") from exc
+            raise disk_error(f"cannot verify partial {self.path}", exc) from exc
         keep = -(-offset // self.chunk_size) if offset else 0
         if len(hashes) != keep or discarded:
             await self._store.cut(self.key, keep, offset, self.validator if offset else None)
@@ -409,7 +445,7 @@ class Partial:
             return
         exc = fut.exception()
         if exc is not None:
-            self._fail(StoreError(f"partial {self.path}: write failed: {exc}"))
+            self._fail(_disk_error(self._store, f"cannot write partial {self.path}", exc))
         else:
             done = fut.result()
             if done and self._cfg.checkpoints:
@@ -474,7 +510,7 @@ class Partial:
             return
         exc = fut.exception()
         if exc is not None:
-            self._fail(StoreError(f"partial {self.path}: fdatasync failed: {exc}"))
+            self._fail(_disk_error(self._store, f"cannot sync partial {self.path}", exc))
         else:
             # Synced before counted as durable.
             self.durable = max(self.durable, upto)
@@ -508,6 +544,10 @@ class Partial:
     def _write_batch(self, batch: Sequence[bytes | memoryview], total: int) -> list[_Chunk]:
         """Writer thread: write, hash each chunk with xxh3, report finished chunks."""
         fd = self._fd
+        if self._store.disk_full:
+            # Another write found the disk full: what space is left (the released
+            # reserve) is for recording that, not for more partial data.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         views = list(batch)
         while views:
             n = os.writev(fd, views)
@@ -602,7 +642,31 @@ class Partial:
                     self._records.put_nowait(([tail], None))
                 await self._drain_records()
         finally:
-            self._release()
+            try:
+                await self._stop_recorder()
+            finally:
+                self._release()
+
+    async def _stop_recorder(self) -> None:
+        """However close went, the recorder ends with the partial, and is awaited.
+
+        On a clean close ``_drain_records`` already did this. After an error it is still
+        waiting on its queue: it records what is queued (as a drain would) and ends, or is
+        cancelled if we are.
+        """
+        task, self._recorder = self._recorder, None
+        if task is None:
+            return
+        if not task.done():
+            self._records.put_nowait(None)
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                task.cancel()
+                await asyncio.wait([task])  # a cancelled recorder ends at once
+                raise
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s: recording checkpoints failed: %s", self.key, task.exception())
 
     def _release(self) -> None:
         self.ingest.open_partials.discard(self)
@@ -642,7 +706,7 @@ class Partial:
         try:
             await loop.run_in_executor(self._writer_pool, _commit_file, fd, self.path, dest)
         except OSError as exc:
-            raise StoreError(f"cannot commit {expected} to {dest}: {exc}") from exc
+            raise disk_error(f"cannot commit {expected} to {dest}", exc) from exc
         self._release()
         await self._store.finish_transfer(self.key, TransferState.COMMITTED, digest=expected)
         return dest
@@ -650,6 +714,15 @@ class Partial:
     def mark_resumed(self) -> None:
         """An attempt in this run continued from an offset > 0 (Docker's mismatch rule)."""
         self._resumed_in_run = True
+
+
+def _disk_error(store: Store, doing: str, exc: BaseException) -> StoreError:
+    if isinstance(exc, OSError):
+        error = disk_error(doing, exc)
+        if isinstance(error, DiskFullError):
+            store.disk_full = True
+        return error
+    return StoreError(f"{doing}: {exc}")
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -714,13 +787,30 @@ def _verify_prefix(
     return offset, max(0, on_disk - offset), reason if on_disk > offset else None, sha, tail
 
 
+def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> list[int]:
+    """Worker thread: move ``orphan`` back to ``path``; xxh3 of its whole chunks."""
+    os.replace(orphan, path)
+    fsync_dir(path.parent)
+    fsync_dir(orphan.parent)
+    hashes: list[int] = []
+    with open(path, "rb") as f:
+        limit = os.fstat(f.fileno()).st_size if size is None else size
+        while (len(hashes) + 1) * chunk_size <= limit:
+            data = f.read(chunk_size)
+            if len(data) < chunk_size:
+                break
+            hashes.append(to_signed(xxhash.xxh3_64_intdigest(data)))
+    return hashes
+
+
 def _open_partial(path: Path) -> int:
     """Open the partial for appending; a new one's directory entry is synced first, so
     the durable offsets recorded for it never outlive the file (durable once recorded)."""
     try:
         return os.open(path, os.O_WRONLY | os.O_APPEND)
     except FileNotFoundError:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # 0o666 & ~umask, as open() does: the partial becomes a blob others must read.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         fsync_dir(path.parent)
         return fd
 

@@ -21,7 +21,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .digest import Digest
-from .errors import DigestMismatchError, StoreError
+from .errors import DigestMismatchError, StoreError, disk_error
 
 LAYOUT_VERSION = "1.0.0"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -81,10 +80,23 @@ def make_dirs(path: Path) -> None:
         fsync_dir(d.parent)
 
 
+def create_temp(directory: Path, prefix: str, suffix: str = _TMP_SUFFIX) -> tuple[int, Path]:
+    """A new file ``directory/PREFIX<random>SUFFIX`` open for writing, like ``mkstemp``
+    but with the mode ``open()`` gives (0o666 & ~umask, so 0644 for umask 022), not 0600:
+    what is renamed into a layout must be readable by another user's skopeo or podman."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(100):
+        path = directory / f"{prefix}{os.urandom(6).hex()}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(directory))
+
+
 def _write_atomic(dest: Path, data: bytes) -> None:
     """Temp file in dest's directory, fsync, rename over dest, fsync the directory."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TMP_SUFFIX)
-    tmp = Path(tmp_name)
+    fd, tmp = create_temp(dest.parent, f".{dest.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -146,7 +158,7 @@ class Layout:
             self._remove_stale_tmp(self.path)
             self._remove_stale_tmp(self.blobs_dir)
         except OSError as exc:
-            raise StoreError(f"cannot create OCI layout at {self.path}: {exc}") from exc
+            raise disk_error(f"cannot create OCI layout at {self.path}", exc) from exc
 
     def _remove_stale_tmp(self, directory: Path, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -180,7 +192,7 @@ class Layout:
         try:
             await asyncio.to_thread(_write_blob, dest, data)
         except OSError as exc:
-            raise StoreError(f"cannot write blob {actual} to {self.blobs_dir}: {exc}") from exc
+            raise disk_error(f"cannot write blob {actual} to {self.blobs_dir}", exc) from exc
         return str(actual)
 
     async def link_blob_from(self, src: Path, digest: str) -> Path:
@@ -194,7 +206,7 @@ class Layout:
         try:
             await asyncio.to_thread(self._link_or_copy, Path(src), dest, digest)
         except OSError as exc:
-            raise StoreError(f"cannot add blob {digest} from {src} to {self.path}: {exc}") from exc
+            raise disk_error(f"cannot add blob {digest} from {src} to {self.path}", exc) from exc
         return dest
 
     def _link_or_copy(self, src: Path, dest: Path, digest: str) -> None:
@@ -214,8 +226,7 @@ class Layout:
             return
         want = Digest.parse(digest)
         h = hashlib.sha256()
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{want.hex}.", suffix=_TMP_SUFFIX)
-        tmp = Path(tmp_name)
+        fd, tmp = create_temp(dest.parent, f".{want.hex}.")
         try:
             with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
                 while block := fin.read(_COPY_CHUNK):
@@ -299,7 +310,7 @@ class Layout:
         try:
             _write_atomic(self.index_path, _dump_index(index))
         except OSError as exc:
-            raise StoreError(f"cannot write {self.index_path}: {exc}") from exc
+            raise disk_error(f"cannot write {self.index_path}", exc) from exc
 
 
 def _names(entry: dict[str, Any], ref_name: str, image_name: str) -> bool:

@@ -7,19 +7,80 @@ stored or logged; only ``display`` is.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from .errors import UrlError
+
 
 def redact_url(url: str) -> str:
-    """The URL without userinfo, query string or fragment: safe for the database and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    """The URL without userinfo, query string or fragment: safe for the database and logs.
+
+    Never raises: a URL whose host or port does not parse keeps its scheme, its host
+    part without userinfo, and its path.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 address
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a bad port, an unclosed "[" …
+        rest = url.partition("#")[0].partition("?")[0]
+        scheme, sep, rest = rest.partition("://")
+        if not sep:
+            return "<unparsable URL>"
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+#: the schemes ``fetch`` speaks
+SCHEMES = ("http", "https")
+_SPEAKS = "resumer fetch speaks http:// and https://"
+#: what a host name or address may hold (IDNs are encoded first; IPv6 sits in brackets)
+_HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?\]")
+
+
+def check_url(url: str) -> None:
+    """Refuse at once what no attempt could fetch: ``UrlError`` naming the (redacted) URL
+    and the cause. Only the scheme and the host are judged; the server judges the rest."""
+    if not url:
+        raise UrlError(f"URL is empty; {_SPEAKS}")
+    shown = "".join(c if c.isprintable() else "?" for c in redact_url(url))
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise UrlError(f"URL {shown}: contains spaces or control characters; encode them (%20)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UrlError(f"URL {shown}: malformed: {exc}") from None
+    scheme = parts.scheme.lower()
+    if "://" not in url:
+        if scheme in SCHEMES:
+            raise UrlError(f"URL {shown}: malformed: expected {scheme}://HOST/PATH")
+        raise UrlError(f"URL {shown}: no scheme ({_SPEAKS}); did you mean https://{shown} ?")
+    if scheme not in SCHEMES:
+        raise UrlError(f"URL {shown}: unsupported scheme {scheme!r}; {_SPEAKS}")
+    host = parts.netloc.rpartition("@")[2]
+    if port is not None:
+        host = host.rpartition(":")[0]
+    elif host.endswith(":"):
+        host = host[:-1]  # "host:" has an empty port: the default one
+    if not host:
+        raise UrlError(f"URL {shown}: no host")
+    try:
+        encoded = host if host.isascii() else host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UrlError(f"URL {shown}: invalid host name") from None
+    if not _HOST.fullmatch(encoded):
+        raise UrlError(f"URL {shown}: invalid host")
+    if port == 0:
+        raise UrlError(f"URL {shown}: port 0 cannot be connected to")
 
 
 @dataclass(frozen=True)

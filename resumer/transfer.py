@@ -116,10 +116,6 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
         media_type=req.media_type,
         source=req.source.display,
     )
-    if reopened.discarded and reopened.reason:
-        stats.wasted_bytes += reopened.discarded
-        stats.discards[reopened.reason] = reopened.discarded
-        await store.record_discard(req.key, ctx.run_id, reopened.discarded, reopened.reason)
     budget = AttemptBudget(cfg.max_download_attempts)
     delay = LinearDelay(cfg.retry_delay)
     stall = StallPolicy(cfg.stall_timeout, cfg.low_speed_limit, cfg.low_speed_time)
@@ -137,6 +133,12 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             emit(Event(req.id, P.DOWNLOADING, offset, partial.size))
 
     try:
+        # Inside the try: the partial is open (its recorder task, threads and file) and
+        # is closed on every way out, including a failure or a cancel right here.
+        if reopened.discarded and reopened.reason:
+            stats.wasted_bytes += reopened.discarded
+            stats.discards[reopened.reason] = reopened.discarded
+            await store.record_discard(req.key, ctx.run_id, reopened.discarded, reopened.reason)
         while True:
             endpoint = chooser.pick(await req.source.endpoints())
             start = partial.offset
@@ -382,6 +384,20 @@ class TransferManager:
                 and not shared.watchers
             ):
                 del self._active[req.key]
+
+    async def close(self) -> None:
+        """Cancel the transfers still running and wait until each has ended (keeping its
+        partial): no transfer outlives the engine that owns this manager."""
+        tasks = [s.task for s in self._active.values() if s.task is not None and not s.task.done()]
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+
+        async def settle() -> None:
+            await asyncio.wait(tasks)
+
+        await _wait_through_cancels(asyncio.ensure_future(settle()))
 
     async def _run(self, shared: _Shared) -> BlobResult:
         req = shared.req

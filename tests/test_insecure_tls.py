@@ -25,7 +25,7 @@ from servers import SKOPEO_BIN, Registry, require, skopeo_copy
 from test_pull_real import assert_readable, pull_cli
 
 from resumer.config import Config
-from resumer.errors import ConnectionCutError, RegistryError
+from resumer.errors import ConnectionCutError, RegistryError, UntrustedCertificateError
 from resumer.fetch import _open
 from resumer.lab.images import LayerSpec, build_image, write_oci_layout
 from resumer.registry import RegistryClient, _map_client_error, parse_reference
@@ -263,9 +263,10 @@ async def test_fetch_skips_verification_only_on_the_registry_host(
     resp = await _open(session, f"https://127.0.0.1:{registry_port}/here", {}, verify_tls=False)
     assert resp.status == 200
     resp.close()
-    # The redirect leaves the registry's host:port: the storage host is verified.
-    with pytest.raises(ConnectionCutError, match=r"(?i)certificate"):
+    # The redirect leaves the registry's host:port: the storage host is verified (and an
+    # untrusted certificate is permanent: another attempt meets the same one).
+    with pytest.raises(UntrustedCertificateError, match=r"(?i)certificate"):
         await _open(session, f"https://127.0.0.1:{registry_port}/away", {}, verify_tls=False)
     # And a verified endpoint is verified on its own host.
-    with pytest.raises(ConnectionCutError, match=r"(?i)certificate"):
+    with pytest.raises(UntrustedCertificateError, match=r"(?i)certificate"):
         await _open(session, f"https://127.0.0.1:{registry_port}/here", {}, verify_tls=True)

@@ -224,8 +224,10 @@ def test_status_reads_a_root_it_may_not_write(tmp_path: Path, nginx_factory: Ngi
         os.chmod(p, os.stat(p).st_mode | 0o005)  # others may enter and list, not write
     before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
     res = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        + [sys.executable, "-m", "resumer", "status", "--root", str(root)],
+        [
+            *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+            *(sys.executable, "-m", "resumer", "status", "--root", str(root)),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -236,6 +236,12 @@ class _Conn:
         finally:
             for task in self.tasks:
                 task.cancel()
+            if self.tasks:
+                # The pumps end before their connection does, so none outlives close().
+                await asyncio.wait(self.tasks)
+                for task in self.tasks:
+                    if not task.cancelled():
+                        task.exception()  # the first one was raised by gather above
             for w in (self.client_w, self.server_w):
                 if w is not None and not w.transport.is_closing():
                     w.close()
@@ -283,6 +289,9 @@ class _Conn:
                 writer.write_eof()
         finally:
             reading.cancel()
+            await asyncio.wait([reading])  # owned: it ends before the pump does
+            if not reading.cancelled():
+                reading.exception()
 
     async def _deliver(self, data: bytes) -> None:
         """Send server bytes to the client, stopping exactly at the planned offsets."""
@@ -378,6 +387,7 @@ class FaultProxy:
         self._conns: dict[int, _Conn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._closing = False
         self._outages: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # set and replaced on every new log line
         self._bucket = (
@@ -400,6 +410,7 @@ class FaultProxy:
 
     async def close(self) -> None:
         """Stop listening, cut what is still open and wait for the connections to end."""
+        self._closing = True
         if self._outages is not None:
             self._outages.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -491,6 +502,10 @@ class FaultProxy:
         cid = self.counters.connections
         self.counters.connections += 1
         self._log(cid, EventKind.ACCEPT, 0)
+        if self._closing:
+            # Accepted just before close() and started after it: it would outlive close().
+            _reset(writer)
+            return
         if self.in_outage:
             self.counters.refused += 1
             self._log(cid, EventKind.REFUSED, 0)
