@@ -36,11 +36,14 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from resumer.lab.powercut import PowerCutError, PowerCutFS, unavailable_reason
 
 from . import common, image_bench
 from .common import BenchImage
@@ -109,35 +112,51 @@ def _ctd_sock(c: Ctx) -> Path:
     return _ctd_dir(c) / "state" / "c.sock"
 
 
+CTD_DISABLED = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+)
+
+
+def _write_ctd_config(
+    path: Path, *, root: Path, state: Path, temp: Path, opt: Path, disabled: tuple[str, ...]
+) -> Path:
+    """containerd's config.toml: its own root, state (and socket in it), temp and opt."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sock = state / "c.sock"
+        path.write_text(
+            "version = 2\n"
+            f'root = "{root}"\n'
+            f'state = "{state}"\n'
+            f'temp = "{temp}"\n'
+            f"disabled_plugins = {json.dumps(list(disabled))}\n"
+            "[grpc]\n"
+            f'  address = "{sock}"\n'
+            "[ttrpc]\n"
+            f'  address = "{sock}.ttrpc"\n'
+            '[plugins."io.containerd.internal.v1.opt"]\n'
+            f'  path = "{opt}"\n'
+        )
+    return path
+
+
 def _ctd_config(c: Ctx) -> Path:
     """A minimal config: own root/state/socket, no CRI, no snapshotters that cannot load."""
     d = _ctd_dir(c)
-    path = d / "config.toml"
-    if not path.exists():
-        d.mkdir(parents=True, exist_ok=True)
-        disabled = [
-            "io.containerd.grpc.v1.cri",
-            "io.containerd.snapshotter.v1.aufs",
-            "io.containerd.snapshotter.v1.btrfs",
-            "io.containerd.snapshotter.v1.devmapper",
-            "io.containerd.snapshotter.v1.zfs",
-            "io.containerd.tracing.processor.v1.otlp",
-            "io.containerd.internal.v1.tracing",
-        ]
-        path.write_text(
-            "version = 2\n"
-            f'root = "{d / "root"}"\n'
-            f'state = "{d / "state"}"\n'
-            f'temp = "{d / "tmp"}"\n'
-            f"disabled_plugins = {json.dumps(disabled)}\n"
-            "[grpc]\n"
-            f'  address = "{_ctd_sock(c)}"\n'
-            "[ttrpc]\n"
-            f'  address = "{_ctd_sock(c)}.ttrpc"\n'
-            '[plugins."io.containerd.internal.v1.opt"]\n'
-            f'  path = "{d / "opt"}"\n'
-        )
-    return path
+    return _write_ctd_config(
+        d / "config.toml",
+        root=d / "root",
+        state=d / "state",
+        temp=d / "tmp",
+        opt=d / "opt",
+        disabled=CTD_DISABLED,
+    )
 
 
 def _ctr_pull(c: Ctx) -> list[str]:
@@ -206,14 +225,24 @@ def _ctd_life(c: Ctx, life: int, period: float, log: Path) -> int | None:
             _kill_group(daemon)
 
 
-def _ctd_pulled(c: Ctx) -> bool:
+def _ctd_content(root: Path) -> Path:
+    """containerd's content store under its root (``blobs/`` and ``ingest/``)."""
+    return root / "io.containerd.content.v1.content"
+
+
+def _ctd_has_blobs(root: Path, layers: list[tuple[str, int]]) -> bool:
     """Whether containerd's content store holds every layer of the image, at full size."""
-    blobs = _ctd_dir(c) / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256"
-    for digest, size in c.image.layers:
+    blobs = _ctd_content(root) / "blobs" / "sha256"
+    for digest, size in layers:
         p = blobs / digest.removeprefix("sha256:")
         if not p.is_file() or p.stat().st_size != size:
             return False
     return True
+
+
+def _ctd_pulled(c: Ctx) -> bool:
+    """Whether containerd's content store holds every layer of the image, at full size."""
+    return _ctd_has_blobs(_ctd_dir(c) / "root", c.image.layers)
 
 
 def _unmount_under(path: Path) -> None:
@@ -529,6 +558,600 @@ def plot(data: dict[str, Any]) -> Path:
     )
 
 
+# --------------------------------------------------------------------------- power-cut FS
+# ``--scenario powercut``: real power cuts on resumer.lab.powercut (see the module doc).
+
+PC_NAME = "power_cut_fs"  # its own results file: a power-cut run leaves power.md alone
+PC_SPAN = (1.0, 2.0)  # s of life between cuts (seeded, the same draws for every tool)
+PC_RATE = 10e6  # bytes/s, as the kill-range scenario: a pull takes ~6.7 s
+PC_ROUNDS = 3
+PC_MAX_LIVES = 30
+PC_TOOLS = ("resumer_pull", "resumer_resume", "containerd")
+SYNC_INTERVAL = 4 * common.MiB  # resumer's Config.checkpoint_bytes: one sync interval
+CTD_SNAPSHOTTER = "native"  # overlayfs cannot stack on FUSE; native keeps it all on the mount
+PC_CTD_DISABLED = (*CTD_DISABLED, "io.containerd.snapshotter.v1.overlayfs")
+_DONE_STATUSES = ("Verifying Checksum", "Download complete", "Extracting", "Pull complete")
+
+
+def _lid(digest: str) -> str:
+    """A layer's id as the progress stream shows it: 12 hex digits of its digest."""
+    return digest.removeprefix("sha256:")[:12]
+
+
+@dataclass
+class PcLife:
+    """One life between two power cuts (or up to the tool's own exit)."""
+
+    period: float
+    code: int | None = None  # the tool's exit code; None: the power was cut first
+    cut: bool = False
+    seconds: float = 0.0
+    #: layer id → the offset this life started the layer from (its first sight of it)
+    start: dict[str, int] = field(default_factory=dict)
+    #: layer id → the bytes of the layer it had when it ended (before the cut)
+    reached: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    reboot_s: float = 0.0  # from the freeze to the remounted file system
+
+
+class _ProgressReader(threading.Thread):
+    """Reads a resumer ``--progress json`` stream into a `PcLife`, copying it to ``log``."""
+
+    def __init__(self, stream: IO[bytes], life: PcLife, sizes: dict[str, int], log: IO[bytes]):
+        super().__init__(daemon=True)
+        self.stream, self.life, self.sizes, self.log = stream, life, sizes, log
+
+    def run(self) -> None:
+        life = self.life
+        for raw in self.stream:
+            self.log.write(raw)
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            if "stats" in msg:
+                life.stats = dict(msg["stats"])
+            if "error" in msg:
+                life.errors.append(str(msg["error"]))
+            lid, status = str(msg.get("id", "")), str(msg.get("status", ""))
+            size = self.sizes.get(lid)
+            if size is None:
+                continue
+            if status.startswith("Resuming from "):
+                n = int(status.rsplit(" ", 1)[1])
+                life.start.setdefault(lid, n)
+                life.reached[lid] = max(life.reached.get(lid, 0), n)
+            elif status == "Downloading":
+                # "Resuming from N" precedes the first bytes of a resumed attempt: without
+                # one, the layer started from byte 0.
+                life.start.setdefault(lid, 0)
+                cur = int((msg.get("progressDetail") or {}).get("current") or 0)
+                life.reached[lid] = max(life.reached.get(lid, 0), cur)
+            elif status in _DONE_STATUSES or status == "Already exists":
+                life.start.setdefault(lid, size)  # committed by an earlier life
+                life.reached[lid] = size
+        self.log.flush()
+
+
+def _ctd_holds(root: Path, layers: list[tuple[str, int]]) -> dict[str, int]:
+    """Layer id → bytes containerd holds of it: the blob's size once committed, else the
+    size of its ingest's ``data`` (the offset containerd resumes from)."""
+    content = _ctd_content(root)
+    ingests: list[tuple[str, int]] = []
+    with contextlib.suppress(OSError):
+        for d in (content / "ingest").iterdir():
+            try:
+                ingests.append(((d / "ref").read_text(), (d / "data").stat().st_size))
+            except OSError:
+                continue  # without its ref file an ingest cannot be resumed
+    out: dict[str, int] = {}
+    for digest, size in layers:
+        hexd = digest.removeprefix("sha256:")
+        try:
+            if (content / "blobs" / "sha256" / hexd).stat().st_size == size:
+                out[_lid(digest)] = size
+                continue
+        except OSError:
+            pass
+        out[_lid(digest)] = max((n for ref, n in ingests if hexd in ref), default=0)
+    return out
+
+
+def _signal_groups(procs: list[subprocess.Popen[bytes]], sig: int) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """The power-cut mount, and the link (the proxy's process) that the power takes down."""
+
+    fs: PowerCutFS
+    link: subprocess.Popen[str] | None  # frozen from the cut until the tool is reaped
+
+
+def _power_cut(
+    site: _Site,
+    procs: list[subprocess.Popen[bytes]],
+    life: PcLife,
+    frozen: Callable[[], None] | None = None,
+) -> None:
+    """The test suite's life cycle: SIGSTOP, cut, SIGKILL, reap, remount (the reboot).
+
+    The link is frozen with the tool: a SIGSTOPped process's kernel still takes bytes into
+    its socket buffers (and the proxy counts them as delivered) until the SIGKILL, which
+    a dead site would not. ``frozen`` runs while all is stopped and the old mount answers.
+    """
+    t0 = time.perf_counter()
+    _signal_groups(procs, signal.SIGSTOP)
+    if site.link is not None:
+        os.kill(site.link.pid, signal.SIGSTOP)
+    try:
+        if frozen is not None:
+            frozen()
+        site.fs.cut()
+    except PowerCutError as exc:  # a bug of the file system: reported, the run goes on
+        life.errors.append(f"power-cut fs: {exc}")
+    finally:
+        for proc in procs:
+            _kill_group(proc)
+        if site.link is not None:
+            os.kill(site.link.pid, signal.SIGCONT)
+    if site.fs.mounted:  # the cut failed before the daemon went
+        site.fs.close()
+    site.fs.mount()
+    life.cut = True
+    life.reboot_s = time.perf_counter() - t0
+
+
+def _pc_resumer_life(
+    argv: list[str], site: _Site, life: PcLife, sizes: dict[str, int], log: Path
+) -> None:
+    t0 = time.perf_counter()
+    with log.open("ab") as out:
+        out.write(f"--- life: {' '.join(argv[1:3])}, T = {life.period:.3f} s\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=out,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        reader = _ProgressReader(proc.stdout, life, sizes, out)
+        reader.start()
+        try:
+            life.code = proc.wait(timeout=life.period)
+            life.seconds = time.perf_counter() - t0
+        except subprocess.TimeoutExpired:
+            life.seconds = time.perf_counter() - t0
+            _power_cut(site, [proc], life)
+        finally:
+            _kill_group(proc)
+            reader.join(timeout=30)
+            proc.stdout.close()
+
+
+def _pc_ctd_life(c: Ctx, cfg: Path, state: Path, site: _Site, life: PcLife, log: Path) -> None:
+    """The daemon (its state emptied, as /run after a reboot) and ``ctr images pull``; at
+    ``life.period`` s after the daemon's start, both are frozen and the power is cut."""
+    root = site.fs.mountpoint / "ctd-root"
+    life.start = _ctd_holds(root, c.image.layers)
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    sock = state / "c.sock"
+    t0 = time.perf_counter()
+    deadline = t0 + life.period
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def frozen() -> None:
+        life.reached = _ctd_holds(root, c.image.layers)
+
+    with log.open("ab") as out:
+        out.write(f"--- life: containerd + ctr, T = {life.period:.3f} s\n".encode())
+        out.flush()
+        try:
+            procs.append(
+                subprocess.Popen(
+                    ["containerd", "--config", str(cfg), "--log-level", "warn"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                )
+            )
+            while not sock.exists() and procs[0].poll() is None:
+                if time.perf_counter() >= deadline:
+                    break
+                time.sleep(0.005)
+            if procs[0].poll() is not None:
+                life.code = procs[0].returncode or 1
+                life.errors.append(f"containerd exited {procs[0].returncode} before listening")
+            elif sock.exists():
+                argv = ["ctr", "-a", str(sock), "-n", CTD_NAMESPACE, "images", "pull"]
+                argv += ["--snapshotter", CTD_SNAPSHOTTER, "--plain-http", c.ref]
+                procs.append(
+                    subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=out,
+                        start_new_session=True,
+                    )
+                )
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    life.code = procs[1].wait(timeout=max(0.0, deadline - time.perf_counter()))
+            life.seconds = time.perf_counter() - t0
+            if life.code is None:
+                _power_cut(site, procs, life, frozen)
+            else:
+                life.reached = _ctd_holds(root, c.image.layers)
+        finally:
+            for proc in procs:
+                _kill_group(proc)
+            _unmount_under(c.scratch)
+
+
+def _pc_present(key: str, mnt: Ctx, *, verify: bool) -> bool:
+    """Whether the tool's result is on the mount: every layer (and resumer's index.json);
+    ``verify`` also checks each layer's sha256."""
+    if key == "containerd":
+        blobs = _ctd_content(mnt.scratch / "ctd-root") / "blobs" / "sha256"
+        ok = _ctd_has_blobs(mnt.scratch / "ctd-root", mnt.image.layers)
+    else:
+        blobs = mnt.scratch / "oci" / "blobs" / "sha256"
+        ok = image_bench.pulled(mnt)
+    if ok and verify:
+        for digest, _ in mnt.image.layers:
+            if common.file_sha256(blobs / digest.removeprefix("sha256:")) != digest:
+                return False
+    return ok
+
+
+def _cut_losses(lives: list[PcLife], sizes: dict[str, int]) -> list[dict[str, Any]]:
+    """Per cut: the bytes it cost (what the life had minus where a later life started
+    each layer from), and the transfers running at the cut. A cut whose layers no later
+    life showed (the last one of a run that hit the cap) is left out."""
+    out = []
+    for i, life in enumerate(lives):
+        if not life.cut:
+            continue
+        loss, running, unresolved = 0, 0, False
+        for lid, had in life.reached.items():
+            # running: bytes of it arrived in this life, and it was not complete yet
+            running += life.start.get(lid, had) < had < sizes[lid]
+            later = next((x.start[lid] for x in lives[i + 1 :] if lid in x.start), None)
+            if later is None:
+                unresolved = True
+                continue
+            loss += max(0, had - later)
+        if unresolved and not loss:
+            continue
+        out.append({"life": i, "loss": loss, "running": running, "at_s": life.seconds})
+    return out
+
+
+def _pc_tool_run(
+    key: str, ctx: Ctx, site: _Site, periods: Iterator[float], max_lives: int
+) -> dict[str, Any]:
+    """Lives until done or ``max_lives``; then one more cut, to see the result last."""
+    fs = site.fs
+    mnt = Ctx(ctx.port, ctx.image, fs.mountpoint)
+    log = ctx.scratch / "tool.log"
+    sizes = {_lid(d): s for d, s in ctx.image.layers}
+    ctd = ctx.scratch / "ctd"
+    cfg = _write_ctd_config(
+        ctd / "config.toml",
+        root=fs.mountpoint / "ctd-root",
+        state=ctd / "state",
+        temp=ctd / "tmp",
+        opt=ctd / "opt",
+        disabled=PC_CTD_DISABLED,
+    )
+    lives: list[PcLife] = []
+    done = False
+    t0 = time.perf_counter()
+    for n in range(max_lives):
+        life = PcLife(next(periods))
+        lives.append(life)
+        if key == "containerd":
+            _pc_ctd_life(mnt, cfg, ctd / "state", site, life, log)
+        else:
+            argv = _pull(mnt) if n == 0 or key == "resumer_pull" else _resume(mnt)
+            _pc_resumer_life(argv, site, life, sizes, log)
+        done = life.code == 0 and _pc_present(key, mnt, verify=False)
+        if done:
+            break
+    wall = time.perf_counter() - t0
+    if key == "containerd" and lives[-1].cut:
+        # Where a next life would start: resolves the last cut's loss.
+        lives.append(PcLife(0.0, start=_ctd_holds(mnt.scratch / "ctd-root", ctx.image.layers)))
+    survived: bool | None = None
+    if done:
+        fs.cut()  # the power goes right after the tool said it was done
+        fs.mount()
+        survived = _pc_present(key, mnt, verify=True)
+    real = [x for x in lives if x.period > 0]
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return {
+        "completed": done,
+        "survives_cut_after_exit": survived,
+        "lives": len(real),
+        "cuts": sum(1 for x in real if x.cut),
+        "wall_s": wall,
+        "powered_s": sum(x.seconds for x in real),
+        "reboot_s_median": common.median_or_none([x.reboot_s for x in real if x.cut]),
+        "exit_codes": [x.code for x in real],
+        "periods_s": [round(x.period, 3) for x in real],
+        "losses": _cut_losses(lives, sizes),
+        "errors": sorted({e[:300] for x in real for e in x.errors}),
+        "last_stats": next((x.stats for x in reversed(real) if x.stats), {}),
+        "log_tail": "" if done else _quiet(text)[-1500:],
+    }
+
+
+def measure_powercut(
+    rounds: int, span: tuple[float, float], tools: list[str], max_lives: int, freeze_link: bool
+) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in tools}
+    with image_bench.registry_with_image(NAME, LAYERS_MIB, SEED) as lab:
+        image = lab.image
+        sc = Scenario("powercut", PC_RATE, rounds, tuple(tools), span=span)
+        for r in range(rounds):
+            for key in common.rotated(tools, r):
+                # lab.proxied's set-up, keeping the proxy's process: the cut freezes it.
+                common.fresh_dir(lab.scratch)
+                proxy = common.ProxyProcess(lab.registry_port, SEED + r, rate=PC_RATE)
+                ctx = Ctx(proxy.port, image, lab.scratch)
+                try:
+                    (ctx.scratch / "backing").mkdir()
+                    with PowerCutFS(ctx.scratch / "backing", ctx.scratch / "mnt") as fs:
+                        site = _Site(fs, proxy.proc if freeze_link else None)
+                        try:
+                            row = _pc_tool_run(key, ctx, site, sc.periods(SEED + r), max_lives)
+                        finally:
+                            _unmount_under(ctx.scratch / "ctd")
+                finally:
+                    counters = proxy.stop()
+                row["wire_bytes"] = counters.get("bytes_down", 0)
+                row["connections"] = counters.get("connections", 0)
+                _pc_derive(row, image.payload)
+                runs[key].append(row)
+                print(
+                    f"powercut round {r + 1}/{rounds} {key:15s} "
+                    f"{'ok  ' if row['completed'] else 'FAIL'} lives {row['lives']:2d} "
+                    f"cuts {row['cuts']:2d} wire/payload {row['wire_ratio']:.3f} "
+                    f"(goal {row['goal_ratio']:.3f}) waste/cut "
+                    f"{row['waste_per_cut'] / common.MiB:.2f} MiB, loss/cut median "
+                    f"{row['loss_median'] / common.MiB:.2f} max "
+                    f"{row['loss_max'] / common.MiB:.2f} MiB, over bound {row['cuts_over']}"
+                    f"/{len(row['losses'])}; survives a cut after exit: "
+                    f"{row['survives_cut_after_exit']}",
+                    flush=True,
+                )
+    return {"image": image, "runs": runs, "freeze_link": freeze_link}
+
+
+def _pc_derive(row: dict[str, Any], payload: int) -> None:
+    """Wire ratio and its goal, waste per cut, and the per-cut losses against the bound."""
+    cuts, wire = row["cuts"], row["wire_bytes"]
+    row["wire_ratio"] = wire / payload
+    row["goal_ratio"] = 1 + SYNC_INTERVAL * cuts / payload
+    row["meets_wire_goal"] = row["completed"] and row["wire_ratio"] <= row["goal_ratio"]
+    row["waste_per_cut"] = (wire - payload) / cuts if cuts else 0.0
+    losses = row["losses"]
+    for x in losses:
+        x["bound"] = SYNC_INTERVAL * x["running"]
+        x["over"] = x["loss"] > x["bound"]
+    row["loss_max"] = max((x["loss"] for x in losses), default=0)
+    row["loss_median"] = common.median([x["loss"] for x in losses]) if losses else 0.0
+    row["loss_per_transfer_max"] = max(
+        (x["loss"] / max(1, x["running"]) for x in losses), default=0.0
+    )
+    row["running_max"] = max((x["running"] for x in losses), default=0)
+    row["cuts_over"] = sum(1 for x in losses if x["over"])
+
+
+PC_LABELS = {
+    "resumer_pull": "resumer pull (restart: same pull)",
+    "resumer_resume": "resumer pull (restart: resumer resume)",
+    "containerd": f"containerd + ctr images pull --snapshotter {CTD_SNAPSHOTTER} "
+    "(restart: daemon, same pull)",
+}
+
+
+def summarise_powercut(
+    rounds: int, span: tuple[float, float], max_lives: int, measured: dict[str, Any]
+) -> dict[str, Any]:
+    image: BenchImage = measured["image"]
+    keys = ["wire_ratio", "goal_ratio", "lives", "cuts", "waste_per_cut", "loss_max"]
+    keys += ["loss_median", "loss_per_transfer_max", "powered_s"]
+    med = {
+        key: common.outcome_medians(rows, keys, completed_too=("wire_ratio",))
+        for key, rows in measured["runs"].items()
+    }
+    for key, rows in measured["runs"].items():
+        every = [x for row in rows for x in row["losses"]]
+        med[key]["all_cuts"] = len(every)
+        med[key]["all_cuts_over"] = sum(1 for x in every if x["over"])
+        med[key]["all_loss_max"] = max((x["loss"] for x in every), default=0)
+        med[key]["all_loss_median"] = common.median([x["loss"] for x in every]) if every else 0
+        med[key]["wire_goal_met"] = sum(1 for row in rows if row["meets_wire_goal"])
+        med[key]["survived"] = sum(1 for row in rows if row["survives_cut_after_exit"])
+    return {
+        **common.stamp(PC_NAME, image_bench.versions()),
+        "seed": SEED,
+        "rounds": rounds,
+        "span_s": span,
+        "rate_bytes_per_s": PC_RATE,
+        "max_lives": max_lives,
+        "sync_interval_bytes": SYNC_INTERVAL,
+        "containerd_snapshotter": CTD_SNAPSHOTTER,
+        "link_frozen_during_cut": measured["freeze_link"],
+        "image": image_bench.image_summary(image, LAYERS_MIB),
+        "tools": {k: PC_LABELS[k] for k in measured["runs"]},
+        "method": (
+            "real CNCF registry on 127.0.0.1 behind a fresh resumer.lab.proxy per run "
+            f"({PC_RATE / 1e6:g} MB/s, no injected faults); every run on a fresh "
+            "resumer.lab.powercut mount (FUSE; a cut drops every write not yet fsynced, data "
+            "and metadata) that holds resumer's root and OCI destination, or containerd's "
+            f"root (content store, bolt metadata, {CTD_SNAPSHOTTER} snapshots); containerd's "
+            "state, socket, temp and config are off the mount (state emptied at each boot, "
+            "as /run). Each life lasts T ~ U(lo, hi) s (seeded per round: the same draws for "
+            "every tool); at T the tool (and containerd's daemon) is SIGSTOPped, the power "
+            "cut, the processes SIGKILLed and reaped, the file system remounted over what was "
+            "durable, and the tool started again with the same command; a tool that exits "
+            "before T is not cut. Done = exit 0 with every layer on the mount; then one more "
+            "cut, to check the result survives it (sha256 of every layer). Wire = proxy "
+            "bytes_down over all lives. Loss per cut: resumer, per layer the last "
+            "progressDetail.current before the cut minus the offset a later life starts it "
+            "from (its 'Resuming from N', 0 when it starts over, the size when it is "
+            "already committed); containerd, per layer the bytes it held at the freeze "
+            "(committed blob, else its ingest data file's size, read through the mount) minus "
+            "what it held after the reboot (what its next ingest resumes from). Bound per "
+            f"cut: {SYNC_INTERVAL // common.MiB} MiB (one sync interval) per running transfer; "
+            "wire goal: 1 + 4 MiB × cuts / payload; tools alternate, order rotated per round"
+        ),
+        "medians": med,
+        "runs": measured["runs"],
+    }
+
+
+def _mib(n: float) -> str:
+    return f"{n / common.MiB:.2f}"
+
+
+def render_powercut(data: dict[str, Any]) -> str:
+    m, ver, img = data["machine"], data["versions"], data["image"]
+    lo, hi = data["span_s"]
+    out = [
+        "# Power cuts on the power-cut file system (`python -m benchmarks power "
+        "--scenario powercut`)\n",
+        f"Measured {data['date']}; seed {data['seed']} (image and cut draws). A cut every "
+        f"U({lo:g}, {hi:g}) s of life at {data['rate_bytes_per_s'] / 1e6:g} MB/s, up to "
+        f"{data['max_lives']} lives, {data['rounds']} rounds per tool.\n",
+        f"- **Image:** `{img['repo']}:{img['tag']}`, layers {img['layers_mib']} MiB of random "
+        f"bytes (gzip), {img['payload_bytes']} bytes with config and manifest "
+        f"(≈ {img['payload_bytes'] / data['rate_bytes_per_s']:.1f} s at the link's rate).",
+        common.machine_line(m),
+        f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
+        f"{ver['containerd']}; {ver['docker-registry']}.",
+        f"- **Method:** {data['method']}.\n",
+        "## Medians\n",
+    ]
+    rows = []
+    for key, label in data["tools"].items():
+        d = data["medians"][key]
+        rows.append(
+            [
+                label,
+                f"{d['completed']}/{d['runs']}",
+                f"{d['survived']}/{d['completed']}",
+                f"{d['lives']:.0f}",
+                f"{d['wire_ratio']:.3f}",
+                f"{d['goal_ratio']:.3f}",
+                f"{d['wire_goal_met']}/{d['runs']}",
+                _mib(d["waste_per_cut"]),
+                _mib(d["all_loss_median"]),
+                _mib(d["all_loss_max"]),
+                f"{d['all_cuts_over']}/{d['all_cuts']}",
+            ]
+        )
+    out.append(
+        common.markdown_table(
+            [
+                "tool",
+                "completed",
+                "result survives a cut after exit",
+                f"median lives (cap {data['max_lives']})",
+                "median wire / payload",
+                "median goal (1 + 4 MiB × cuts / payload)",
+                "wire goal met (completed, ≤ goal)",
+                "median wire waste per cut (MiB)",
+                "median loss per cut (MiB, all cuts)",
+                "max loss per cut (MiB)",
+                "cuts over 4 MiB × running transfers",
+            ],
+            rows,
+        )
+    )
+    out.append("## Every run (✗ = not done after the cap)\n")
+    per = []
+    for key, label in data["tools"].items():
+        rs = data["runs"][key]
+        per.append(
+            [
+                label,
+                ", ".join(f"{x['lives']}{'' if x['completed'] else '✗'}" for x in rs),
+                ", ".join(f"{x['wire_ratio']:.3f} / {x['goal_ratio']:.3f}" for x in rs),
+                ", ".join(_mib(x["waste_per_cut"]) for x in rs),
+                ", ".join(f"{_mib(x['loss_median'])} / {_mib(x['loss_max'])}" for x in rs),
+                ", ".join(f"{x['running_max']} ({_mib(x['loss_per_transfer_max'])})" for x in rs),
+                ", ".join(f"{x['cuts_over']}/{len(x['losses'])}" for x in rs),
+            ]
+        )
+    out.append(
+        common.markdown_table(
+            [
+                "tool",
+                "lives",
+                "wire / payload (goal)",
+                "wire waste per cut (MiB)",
+                "loss per cut median / max (MiB)",
+                "most running transfers at a cut (max loss per transfer, MiB)",
+                "cuts over the bound",
+            ],
+            per,
+        )
+    )
+    errs = [
+        (label, e)
+        for key, label in data["tools"].items()
+        for x in data["runs"][key]
+        for e in x["errors"]
+    ]
+    if errs:
+        out.append("## Errors the tools reported (distinct, first 300 characters)\n")
+        seen: set[tuple[str, str]] = set()
+        for label, e in errs:
+            if (label, e) not in seen:
+                seen.add((label, e))
+                out.append(f"- {label}: `{' '.join(e.split())}`")
+        out.append("")
+    out.append(f"![completion, wire/payload and loss per cut]({PC_NAME}.png)\n")
+    return "\n".join(out)
+
+
+def plot_powercut(data: dict[str, Any]) -> Path:
+    keys = list(data["tools"])
+    short = {"resumer_pull": "resumer pull", "resumer_resume": "resumer resume"}
+    labels = [short.get(k, k) for k in keys]
+    panels = common.outcome_panels(
+        [(data["medians"][k], data["runs"][k]) for k in keys],
+        ("completed", "wire_ratio", "loss_per_transfer_max"),
+    )
+    mib = common.MiB
+    per_transfer = (
+        [v / mib for v in panels["loss_per_transfer_max"][0]],
+        [[v / mib for v in vs] for vs in panels["loss_per_transfer_max"][1]],
+    )
+    return common.plot_bars(
+        common.RESULTS / f"{PC_NAME}.png",
+        f"Power cuts on the power-cut FS, median of the runs ({data['date'][:10]})",
+        labels,
+        [
+            ("completed (fraction of runs)", *panels["completed"], None),
+            ("wire bytes / payload", *panels["wire_ratio"], 1.0),
+            ("max loss per cut per running transfer (MiB)", *per_transfer, SYNC_INTERVAL / mib),
+        ],
+    )
+
+
 def _span(text: str) -> tuple[float, float] | None:
     if text.lower() in ("", "none", "off"):
         return None
@@ -541,6 +1164,14 @@ def _span(text: str) -> tuple[float, float] | None:
 
 def main(argv: list[str]) -> int:
     p = common.parser(NAME, __doc__)
+    p.add_argument(
+        "--scenario",
+        choices=("all", "kill", "powercut"),
+        default="all",
+        help="kill: the SIGKILL schedules (results/power.*); powercut: power cuts on the "
+        f"power-cut file system (results/{PC_NAME}.*); all (default): both, each file "
+        "written by its own part",
+    )
     p.add_argument("--rounds", type=int, default=3, help="runs per tool and fixed period")
     p.add_argument(
         "--period",
@@ -558,6 +1189,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--range-rounds", type=int, default=RANGE_ROUNDS)
     p.add_argument("--range-rate", type=float, default=RANGE_RATE, metavar="BPS")
     p.add_argument(
+        "--cut-range",
+        type=_span,
+        default=PC_SPAN,
+        metavar="LO:HI",
+        help="powercut: cut every U(LO, HI) s of life, seeded (default 1:2)",
+    )
+    p.add_argument("--cut-rounds", type=int, default=PC_ROUNDS, help="powercut: runs per tool")
+    p.add_argument(
+        "--max-lives", type=int, default=PC_MAX_LIVES, help="powercut: lives per run (cap)"
+    )
+    p.add_argument(
+        "--link-stays-up",
+        action="store_true",
+        help="powercut: do not freeze the proxy from the cut to the reboot (the frozen "
+        "tool's kernel then takes bytes into its socket buffers, counted as wire bytes)",
+    )
+    p.add_argument(
         "--tool",
         action="append",
         choices=list(BY_KEY),
@@ -568,6 +1216,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.range_rounds < 1 or args.max_restarts < 0:
         p.error("--rounds ≥ 1, --range-rounds ≥ 1 and --max-restarts ≥ 0")
+    if args.cut_rounds < 1 or args.max_lives < 1 or args.cut_range is None:
+        p.error("--cut-rounds ≥ 1, --max-lives ≥ 1 and a --cut-range")
     keep = set(args.tool or BY_KEY)
     scenarios: list[Scenario] = []
     fixed = tuple(k for k in BY_KEY if k in keep)
@@ -580,13 +1230,33 @@ def main(argv: list[str]) -> int:
         scenarios.append(
             Scenario(f"U({lo:g},{hi:g})", args.range_rate, args.range_rounds, ranged, span=(lo, hi))
         )
-    if not scenarios:
+    cut_tools = [k for k in PC_TOOLS if k in keep]
+    kills = args.scenario in ("all", "kill") and bool(scenarios)
+    cuts = args.scenario in ("all", "powercut") and bool(cut_tools)
+    if cuts and (reason := unavailable_reason()) is not None:
+        print(f"{PC_NAME}: skipped, the power-cut file system cannot mount here: {reason}")
+        if args.scenario == "powercut":
+            return 1
+        cuts = False
+    if not kills and not cuts:
         p.error("nothing to run")
     needed = ["docker-registry"]
-    needed += ["skopeo"] if "skopeo" in keep else []
+    needed += ["skopeo"] if kills and "skopeo" in keep else []
     needed += ["containerd", "ctr"] if "containerd" in keep else []
     if common.missing_tools(NAME, needed):
         return 1
-    measured = measure(scenarios, args.max_restarts)
-    data = summarise(scenarios, args.max_restarts, measured)
-    return common.finish(NAME, render(data), data, plot, no_write=args.no_write)
+    worst = 0
+    if kills:
+        measured = measure(scenarios, args.max_restarts)
+        data = summarise(scenarios, args.max_restarts, measured)
+        worst = common.finish(NAME, render(data), data, plot, no_write=args.no_write)
+    if cuts:
+        measured = measure_powercut(
+            args.cut_rounds, args.cut_range, cut_tools, args.max_lives, not args.link_stays_up
+        )
+        data = summarise_powercut(args.cut_rounds, args.cut_range, args.max_lives, measured)
+        text = render_powercut(data)
+        worst = max(
+            worst, common.finish(PC_NAME, text, data, plot_powercut, no_write=args.no_write)
+        )
+    return worst

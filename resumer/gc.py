@@ -76,6 +76,11 @@ async def collect_partials(ingest: Ingest, budget: int) -> GcReport:
                 report.removed.append((path.name, st.st_size, "its blob is committed"))
                 continue
             row = None  # committed once, but its blob is gone: the bytes may serve again
+        if row is None and st.st_size == 0:
+            # Created, then cut before a byte was synced: there is nothing to keep aside.
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            report.removed.append((path.name, 0, "empty, and no transfer claims it"))
+            continue
         if row is None:
             aside.append((path, st.st_size))
             continue
