@@ -94,6 +94,17 @@ class Ingest:
         #: called with (key, offset) after each accepted write; None on the hot path
         self.observer: Callable[[str, int], None] | None = None
 
+    def sync_interval(self) -> int:
+        """Bytes a partial may write before its next fdatasync.
+
+        ``checkpoint-bytes`` is the most a power cut may cost the whole process, not each
+        transfer: with n partials open, each syncs every 1/n of it (never below a chunk,
+        the unit a sync could save). A cut then loses about one interval in all, however
+        many layers download at once, for n times the syncs per byte of each.
+        """
+        share = self.config.checkpoint_bytes // max(1, len(self.open_partials))
+        return max(share, self.config.chunk_size)
+
     def blob_path(self, digest: str) -> Path:
         return self.layout.blob_path(digest)
 
@@ -420,7 +431,7 @@ class Partial:
         if not self._cfg.checkpoints:
             return True
         # Bound what a power cut can cost: never run far ahead of the disk.
-        return self._sent - self.durable < _MAX_SYNC_LAG * self._cfg.checkpoint_bytes
+        return self._sent - self.durable < _MAX_SYNC_LAG * self.ingest.sync_interval()
 
     def _submit(self, views: Sequence[bytes | memoryview], slab: _Slab | None) -> None:
         loop = asyncio.get_running_loop()
@@ -488,7 +499,7 @@ class Partial:
         if self._sync_fut is not None:
             return  # one at a time; the next starts when it ends and covers everything
         due = (
-            self._written - self._synced_request >= self._cfg.checkpoint_bytes
+            self._written - self._synced_request >= self.ingest.sync_interval()
             or self._clock.monotonic() - self._last_sync >= self._cfg.checkpoint_seconds
         )
         if due:

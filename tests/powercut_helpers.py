@@ -255,19 +255,35 @@ class Model:
         node = self.lookup(path)
         assert node is not None
         self._ensure(node)
-        for op in list(self.log.values()):
+        batch = [
+            (o, o.group == node.id)
+            for o in self.log.values()
+            if o.group == node.id or (o.kind == "rename" and o.parent == node.id)
+        ]
+        self._premask(batch)
+        for op, _whole in batch:
             if op.seq not in self.log:
                 continue
             if op.group == node.id:
                 self._apply_logged(op, force=True)
             elif op.kind == "rename" and op.parent == node.id and not op.source_done:
                 op.source_done = True  # the source's fsync: the old name goes, only that
-                self._remove(node, op.name, self.nodes[op.node], op.seq)
+                self._remove(node, op.name, op.seq)
 
     # -- the durable tree ----------------------------------------------------------------------
 
     def _ensure(self, node: MNode) -> None:
         node.durable = True
+
+    def _premask(self, batch: list[tuple[MOp, bool]]) -> None:
+        for op, whole in batch:
+            keys = []
+            if op.kind in ("create", "mkdir", "link", "unlink", "rmdir", "rename"):
+                keys.append((op.parent, op.name))
+            if op.kind == "rename" and whole:
+                keys.append((op.parent2, op.name2))
+            for key in keys:
+                self.entry_seq[key] = max(self.entry_seq.get(key, -1), op.seq)
 
     def _apply_logged(self, op: MOp, *, force: bool, pieces: set[int] | None = None) -> bool:
         del self.log[op.seq]
@@ -289,14 +305,18 @@ class Model:
             return self._rename(op, force=force)
         parent = self.nodes[op.parent]
         if op.kind in ("unlink", "rmdir"):
-            return self._remove(parent, op.name, node, op.seq)
+            return self._remove(parent, op.name, op.seq)
         if not parent.durable or (op.kind == "link" and not node.durable):
             if not force:
                 return False
             self._ensure(parent)
             if op.kind == "link":
                 self._ensure(node)
-        return self._set(parent, op.name, node, op.seq)
+        if self._set(parent, op.name, node, op.seq):
+            return True
+        if op.kind != "link":
+            self._ensure(node)
+        return False
 
     def _rename(self, op: MOp, *, force: bool) -> bool:
         node, dest = self.nodes[op.node], self.nodes[op.parent2]
@@ -326,7 +346,7 @@ class Model:
             if self._within(dest, node):
                 return False
         done = self._set(dest, op.name2, node, op.seq)
-        return self._remove(self.nodes[op.parent], op.name, node, op.seq) or done
+        return self._remove(self.nodes[op.parent], op.name, op.seq) or done
 
     def _within(self, d: MNode, node: MNode) -> bool:
         seen: set[int] = set()
@@ -342,6 +362,8 @@ class Model:
     def _set(self, parent: MNode, name: str, node: MNode, seq: int) -> bool:
         key = (parent.id, name)
         if self.entry_seq.get(key, -1) > seq:
+            return False
+        if node.kind == "dir" and node.durable and self._within(parent, node):
             return False
         self.entry_seq[key] = seq
         old = parent.entries.get(name)
@@ -359,15 +381,15 @@ class Model:
         parent.entries[name] = node.id
         return True
 
-    def _remove(self, parent: MNode, name: str, node: MNode, seq: int) -> bool:
+    def _remove(self, parent: MNode, name: str, seq: int) -> bool:
         key = (parent.id, name)
         if self.entry_seq.get(key, -1) > seq:
             return False
         self.entry_seq[key] = seq
-        if parent.entries.get(name) != node.id:
+        old = parent.entries.pop(name, None)
+        if old is None:
             return False
-        del parent.entries[name]
-        node.names.discard(key)
+        self.nodes[old].names.discard(key)
         return True
 
     # -- what the tests compare ------------------------------------------------------------------
@@ -387,10 +409,14 @@ class Model:
         return [i for op in self.log.values() for i in range(op.seq, op.seq + op.count)]
 
     def cut(self, keep: set[int]) -> None:
-        for op in list(self.log.values()):
+        chosen = []
+        for op in self.log.values():
             ids = {i for i in range(op.seq, op.seq + op.count) if i in keep}
             if ids:
-                self._apply_logged(op, force=False, pieces=ids if op.kind == "write" else None)
+                chosen.append((op, ids))
+        self._premask([(op, True) for op, _ in chosen])
+        for op, ids in chosen:
+            self._apply_logged(op, force=False, pieces=ids if op.kind == "write" else None)
         self.log.clear()
 
     def durable_tree(self) -> Tree:

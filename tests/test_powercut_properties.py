@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NginxFactory, PushImage
+from conftest import PushImage
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -40,9 +40,7 @@ CHUNK = 1 * MiB  # Config.chunk_size
 LOSS_BOUND = CHECKPOINT + CHUNK
 FETCH_SIZE = 24 * MiB
 
-pytestmark = pytest.mark.skipif(
-    unavailable_reason() is not None, reason=str(unavailable_reason())
-)
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 settings.register_profile(
     "powercut",
@@ -260,7 +258,7 @@ def test_a_cut_after_gc_kept_orphans_aside_loses_none_of_them(
 ) -> None:
     """Garbage collection moves unrecorded partials aside: after a cut each is in exactly
     one place, whole."""
-    url, data, digest = blob_server
+    url, digest = blob_server.url, blob_server.digest
     fs = powercut()
     root = fs.mountpoint / "root"
     ingest = root / "ingest"

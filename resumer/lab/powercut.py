@@ -28,8 +28,8 @@ asked, so that a missing sync is a lost write):
 - **Attributes** (``chmod``, ``chown``, ``utime``) of a file or directory are durable after
   ``fsync`` (not ``fdatasync``) of that inode. A full fsync also makes its times durable.
 - **Directory entries** (create, ``mkdir``, ``mknod``, ``symlink``, ``link``, ``unlink``,
-  ``rmdir``) are durable after ``fsync`` of the directory that holds the entry (a directory
-  file descriptor: ``os.open(dir, O_RDONLY)`` then ``os.fsync``).
+  ``rmdir``) are durable after ``fsync`` (or ``fdatasync``) of the directory that holds the
+  entry (a directory file descriptor: ``os.open(dir, O_RDONLY)`` then ``os.fsync``).
 - **A rename** is durable, as one atomic operation (new name there, old name gone), once
   the *destination* directory is fsynced. If the file got its source name from a rename
   that is still pending, that rename is made durable first, so that a chain ``a -> b -> c``
@@ -42,18 +42,24 @@ asked, so that a missing sync is a lost write):
   durable, and a cut loses it, like an orphan inode that fsck discards. A fsync of a
   directory whose own entry is not durable makes its entries durable inside an invisible
   directory the same way.
-- ``sync()``, ``syncfs()`` and ``close()`` make nothing durable (FUSE does not forward the
-  first two); ``O_SYNC``/``O_DSYNC`` writes are durable because the kernel sends the fsync.
-- An entry is changed in log order: once a newer operation on an entry is durable, an older
-  pending one no longer changes it (a later fsync never brings back a replaced name).
+- ``sync(2)``, ``syncfs(2)`` and ``close()`` make nothing durable (FUSE does not forward
+  the first two); ``O_SYNC``/``O_DSYNC`` writes are durable because the kernel sends the fsync.
+- An entry changes in log order, like the directory block that holds it: when an operation
+  on an entry becomes durable, the entry takes the value it had right after it (that inode,
+  or none), and older pending operations no longer change it (a later fsync never brings
+  back a replaced or removed name). Operations made durable together (by one fsync, or a
+  cut's subset) are one write of the block: the newest of them on an entry sets it. A
+  create whose name is superseded so still creates its inode, without a name.
+- Writes through ``mmap`` reach the daemon when the kernel writes the pages back (msync,
+  munmap, close, or its own writeback); ``msync(MS_SYNC)`` makes them durable.
 
 A cut may also keep an arbitrary subset of the pending operations, as a disk may persist
 any subset of unsynced writes, torn and out of order: `pending()` lists them, every data
 write split into its 4 KiB sector pieces, and ``cut(keep=...)`` applies exactly the chosen
-ones in log order, skipping those that no longer apply (an entry in a directory that is not
-durable, a rename or link of an inode whose create was dropped, data of an inode that was
-never created, a rename that would put a directory inside itself). `keep_random` draws a
-seeded subset.
+ones in log order, by the rules above, skipping those that no longer apply: an entry in a
+directory that is not durable, a rename or link of an inode whose create was dropped, data
+of an inode that was never created, a change of an entry that a newer kept operation sets,
+a rename that would put a directory inside itself. `keep_random` draws a seeded subset.
 
 After a cut the daemon answers every request of the old mount with EIO, then exits, which
 aborts the FUSE connection: a process frozen on the old mount gets ENOTCONN afterwards, and
@@ -66,7 +72,7 @@ drops the page cache); ``attr_timeout=1`` caches attributes in the kernel, so st
 about 20 times faster, but a write through one name may show through another one up to
 a second late. Durability is tracked by inode either way.
 
-Limits: no extended attributes (ENOTSUP); ``fallocate`` supports mode 0 and
+Limits: no extended attributes (EOPNOTSUPP); ``fallocate`` supports mode 0 and
 ``FALLOC_FL_KEEP_SIZE`` only (others give EOPNOTSUPP); ``RENAME_EXCHANGE`` gives EINVAL;
 ``flock`` and POSIX locks are kept by the kernel, per mount (a remount drops them, as a
 reboot does); the backing tree itself is not fsynced to the real disk (it is a fixture, not
@@ -296,7 +302,9 @@ class PowerCutCore:
     Tests may drive it in-process: it needs no root and no /dev/fuse.
     """
 
-    def __init__(self, backing: str, shadow: str, orphans: str, *, copy: bool = True) -> None:
+    def __init__(self, backing: str, shadow: str, orphans: str) -> None:
+        """Copy ``backing`` to ``shadow`` (both replaced if there); ``orphans`` holds the
+        durable inodes that have no durable name (same file system as ``backing``)."""
         self.backing = os.path.abspath(backing)
         self.shadow = os.path.abspath(shadow)
         self.orphans = os.path.abspath(orphans)
@@ -305,7 +313,6 @@ class PowerCutCore:
         self.errors: list[str] = []
         self.caller: Callable[[], tuple[int, int]] | None = None
         self.stats: dict[str, int] = {
-            "ops": 0,
             "writes": 0,
             "bytes_written": 0,
             "max_write": 0,
@@ -321,18 +328,17 @@ class PowerCutCore:
         self.pending_log: dict[int, _Op] = {}  # seq -> op, in log order
         self._groups: dict[int, dict[int, _Op]] = {}
         self._entry_seq: dict[tuple[int, str], int] = {}  # newest durable change of an entry
-        if copy:
-            for d in (self.shadow, self.orphans):
-                if os.path.lexists(d):
-                    shutil.rmtree(d)
-            os.makedirs(self.shadow)
-            # cp -a keeps modes, times, symlinks and hard links; reflinks make it cheap.
-            subprocess.run(
-                ["cp", "-a", "--reflink=auto", "--", f"{self.backing}/.", self.shadow],
-                check=True,
-                capture_output=True,
-            )
-        os.makedirs(self.orphans, exist_ok=True)
+        for d in (self.shadow, self.orphans):
+            if os.path.lexists(d):
+                shutil.rmtree(d)
+        os.makedirs(self.shadow)
+        os.makedirs(self.orphans)
+        # cp -a keeps modes, times, symlinks and hard links; reflinks make it cheap.
+        subprocess.run(
+            ["cp", "-a", "--reflink=auto", "--", f"{self.backing}/.", self.shadow],
+            check=True,
+            capture_output=True,
+        )
         self._load()
 
     # -- setup -----------------------------------------------------------------------------
@@ -750,15 +756,17 @@ class PowerCutCore:
         """Make what a fsync of this inode covers durable (see the rules in the module doc)."""
         self._ensure(node)
         wanted = DATA_KINDS | NS_KINDS if datasync else DATA_KINDS | NS_KINDS | ATTR_KINDS
-        for op in list(self._groups.get(node.id, {}).values()):
-            if op.seq not in self.pending_log or op.kind not in wanted:
+        batch = [op for op in self._groups.get(node.id, {}).values() if op.kind in wanted]
+        self._premask((op, op.group == node.id) for op in batch)
+        for op in batch:
+            if op.seq not in self.pending_log:
                 continue  # pulled in by an earlier one meanwhile
             if op.group != node.id:
                 # The source of a rename: its old name goes; the new one waits for its own
                 # directory's fsync.
                 self._ungroup(op, op.source_group)
                 op.source_group = 0
-                self._remove_entry(node, op.name, self.nodes[op.node], op.seq)
+                self._remove_entry(node, op.name, op.seq)
                 self.stats["applied"] += 1
             else:
                 self._apply_logged(op, force=True)
@@ -766,6 +774,20 @@ class PowerCutCore:
             # A full fsync makes the times durable too; applying the writes just moved them.
             st = os.fstat(fh)
             os.utime(self._path(node), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def _premask(self, batch: Iterable[tuple[_Op, bool]]) -> None:
+        """Of the operations about to be applied together, the newest on an entry gives it
+        its value: the older ones no longer change it (their other effects still apply).
+        Applying them one by one could otherwise pass through states that are no tree (a
+        directory inside itself) when newer operations elsewhere are durable already."""
+        for op, whole in batch:
+            entries = []
+            if op.kind in ENTRY_KINDS or op.kind == "rename":
+                entries.append((op.parent, op.name))
+            if op.kind == "rename" and whole:
+                entries.append((op.parent2, op.name2))
+            for key in entries:
+                self._entry_seq[key] = max(self._entry_seq.get(key, -1), op.seq)
 
     def _apply_logged(self, op: _Op, *, force: bool, pieces: set[int] | None = None) -> bool:
         self._drop(op)
@@ -790,14 +812,18 @@ class PowerCutCore:
             return self._apply_rename(op, force=force)
         parent = self.nodes[op.parent]
         if op.kind in ("unlink", "rmdir"):
-            return self._remove_entry(parent, op.name, node, op.seq)
+            return self._remove_entry(parent, op.name, op.seq)
         if not parent.durable or (op.kind == "link" and not node.durable):
             if not force:
                 return False
             self._ensure(parent)
             if op.kind == "link":
                 self._ensure(node)
-        return self._set_entry(parent, op.name, node, op.seq)
+        if self._set_entry(parent, op.name, node, op.seq):
+            return True
+        if op.kind != "link":
+            self._ensure(node)  # the name is superseded, the inode was created all the same
+        return False
 
     def _apply_rename(self, op: _Op, *, force: bool) -> bool:
         node, dest = self.nodes[op.node], self.nodes[op.parent2]
@@ -811,8 +837,9 @@ class PowerCutCore:
         if node.kind == "dir" and self._within(dest, node):
             if not force:
                 return False
-            # Only earlier renames can have put the destination inside: apply them all, in
-            # order, as a journal commit would.
+            # Pending older operations keep the destination inside (the move that took it
+            # out of this directory, in the live tree): apply them all, in order, as a
+            # journal commit would. (Unreachable, as far as the property tests know.)
             for other in list(self.pending_log.values()):
                 if other.seq < op.seq and other.kind in NS_KINDS:
                     self._apply_logged(other, force=True)
@@ -820,7 +847,7 @@ class PowerCutCore:
                 self.errors.append(f"rename #{op.seq} {op.path} -> {op.dest}: a cycle, skipped")
                 return False
         done = self._set_entry(dest, op.name2, node, op.seq)
-        done = self._remove_entry(self.nodes[op.parent], op.name, node, op.seq) or done
+        done = self._remove_entry(self.nodes[op.parent], op.name, op.seq) or done
         return done
 
     def _pull_in(self, op: _Op) -> None:
@@ -883,6 +910,8 @@ class PowerCutCore:
         key = (parent.id, name)
         if self._entry_seq.get(key, -1) > seq:
             return False  # a newer change of this entry is durable already
+        if node.kind == "dir" and node.durable and self._within(parent, node):
+            return False  # a directory inside itself: see _premask, and _apply_rename
         self._entry_seq[key] = seq
         old = parent.entries.get(name)
         if old == node.id:
@@ -906,16 +935,19 @@ class PowerCutCore:
         parent.entries[name] = node.id
         return True
 
-    def _remove_entry(self, parent: _Node, name: str, node: _Node, seq: int) -> bool:
+    def _remove_entry(self, parent: _Node, name: str, seq: int) -> bool:
         key = (parent.id, name)
         if self._entry_seq.get(key, -1) > seq:
             return False
-        # Even when the entry is not there (its create is still pending), this removal is
+        # The entry gets the value it had right after this operation: none, whichever inode
+        # it durably holds (an older one, when older changes are still pending; those are
+        # masked now). And when it holds none (its create is still pending), this is still
         # the newest change of it: the pending create must not bring it back later.
         self._entry_seq[key] = seq
-        if parent.entries.get(name) != node.id:
+        old = parent.entries.get(name)
+        if old is None:
             return False
-        self._unname(node, parent, name)
+        self._unname(self.nodes[old], parent, name)
         return True
 
     def _unname(self, node: _Node, parent: _Node, name: str) -> None:
@@ -1001,11 +1033,16 @@ class PowerCutCore:
     def _apply_subset(self, keep: set[int] | None) -> CutReport:
         kept: list[int] = []
         skipped: list[int] = []
-        total = 0
-        for op in list(self.pending_log.values()):
-            total += op.count
-            ids = [i for i in op.ids() if keep is None or i in keep]
-            if not ids:
+        total = sum(op.count for op in self.pending_log.values())
+        chosen = [
+            (op, [i for i in op.ids() if keep is None or i in keep])
+            for op in self.pending_log.values()
+        ]
+        chosen = [(op, ids) for op, ids in chosen if ids]
+        self._premask((op, True) for op, _ids in chosen)
+        for op, ids in chosen:
+            if op.seq not in self.pending_log:  # pulled in by an earlier one
+                kept.extend(ids)
                 continue
             pieces = set(ids) if op.kind == "write" and keep is not None else None
             try:
@@ -1342,9 +1379,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="libfuse debug output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="powercut: %(levelname)s %(message)s")
-    if args.work is None:
-        args.work = tempfile.mkdtemp(prefix=".powercut-", dir=Path(args.backing).parent)
-    return _serve(args)
+    if not os.path.isdir(args.backing):
+        parser.error(f"{args.backing} is not a directory")
+    os.makedirs(args.mountpoint, exist_ok=True)
+    if args.work is not None:
+        return _serve(args)
+    args.work = tempfile.mkdtemp(prefix=".powercut-", dir=Path(args.backing).parent)
+    try:
+        return _serve(args)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
 
 
 # -- the test process's side --------------------------------------------------------------
@@ -1452,6 +1496,8 @@ class PowerCutFS:
             raise PowerCutError(reason)
         if self._proc is not None:
             raise PowerCutError("already mounted")
+        if not self.backing.is_dir():
+            raise PowerCutError(f"the backing directory {self.backing} does not exist")
         if is_mounted(self.mountpoint):
             raise PowerCutError(f"something is mounted on {self.mountpoint} already")
         self.mountpoint.mkdir(parents=True, exist_ok=True)
