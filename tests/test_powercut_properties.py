@@ -320,6 +320,13 @@ def test_power_cut_during_pull_then_resume_finds_the_stored_pull_and_finishes(
     kept = sum(resumed.resumed_from.values())
     assert arrived - kept <= 3 * LOSS_BOUND
     record_losses("pull", [arrived - kept])
+    # Durable once recorded: the layout a finished resume wrote survives the next cut.
+    fs.cut()
+    fs.mount()
+    index = json.loads((root / "index.json").read_text())
+    assert manifest_digest in [m["digest"] for m in index["manifests"]]
+    assert len(list((root / "blobs" / "sha256").iterdir())) >= 5  # 3 layers, config, manifest
+    assert_nothing_unverified_visible(root, None, None)
     if arrived > 3 * LOSS_BOUND:
         assert "without a record" not in resumed.stderr, resumed.stderr
     assert resumed.stats["wire_bytes"] <= layer_bytes - kept + 4 * 1024 * 1024
