@@ -351,6 +351,7 @@ def _heap_leaks(*, at_exit: bool) -> list[str]:
 
 
 def _raise_leaks(what: str, leaks: Sequence[str], *, most: int = 30) -> None:
+    __tracebackhide__ = True  # the report is the message, not the guard's code
     if not leaks:
         return
     kinds = collections.Counter(re.sub(r"'Task-\d+'", "'Task-N'", x) for x in leaks)
@@ -372,6 +373,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    __tracebackhide__ = True
     # The test is over: a process it "killed" may unwind now (never during the test).
     disposal = _dispose_crashed_processes()
     result = yield  # the fixtures' teardown, including the test's own event loop

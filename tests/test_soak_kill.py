@@ -218,18 +218,22 @@ def test_two_hundred_sigkilled_fetches_on_one_root_then_each_blob_completes(
         check(run, out, digests[blob])
         runs.append(run)
 
-    # The soak did what it is for: most runs died, many of them mid-transfer, and runs
-    # resumed what dead ones left.
+    # The soak did what it is for: many runs died, many of them mid-transfer, and runs
+    # resumed what dead ones left. How many die is not a property of the code but of the
+    # machine's speed: a run whose blob is done before its kill point exits 0 (and is
+    # verified above). Seen here: 94 to 118 of 200 killed, ~80 of them after bytes
+    # arrived, ~70 resumes; the bounds leave room for a faster or a busier machine.
     killed = [r for r in runs if r.killed]
-    print(
+    summary = (
         f"seed {SEED}: {len(runs)} runs, {len(killed)} killed"
         f" ({sum(r.progressed for r in killed)} after bytes arrived),"
         f" {sum(r.returncode == 0 for r in runs)} completed,"
         f" {sum(r.resumed for r in runs)} resumed a partial"
     )
-    assert len(killed) >= RUNS // 2, len(killed)
-    assert sum(r.progressed for r in killed) >= RUNS // 5
-    assert sum(r.resumed for r in runs) >= RUNS // 10
+    print(summary)
+    assert len(killed) >= RUNS // 4, summary
+    assert sum(r.progressed for r in killed) >= RUNS // 8, summary
+    assert sum(r.resumed for r in runs) >= RUNS // 8, summary
 
     for blob, digest in enumerate(digests):
         final = Run(RUNS + blob, blob, Kill())
