@@ -23,13 +23,13 @@ import random
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import NginxFactory
+from test_fetch_process import _cmd
 
 SEED = int(os.environ.get("RESUMER_SOAK_SEED", "20261201"))
 RUNS = int(os.environ.get("RESUMER_SOAK_RUNS", "200"))
@@ -78,24 +78,6 @@ def plan(seed: int, runs: int, blobs: int) -> list[tuple[int, Kill]]:
             kill = Kill(received=rng.randint(0, 2 * MiB))
         out.append((blob, kill))
     return out
-
-
-def _cmd(url: str, digest: str, out: Path, root: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "resumer",
-        "fetch",
-        url,
-        "--digest",
-        digest,
-        "-o",
-        str(out),
-        "--root",
-        str(root),
-        "--progress",
-        "json",
-    ]
 
 
 def execute(cmd: list[str], run: Run, stderr_path: Path) -> None:
