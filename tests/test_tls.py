@@ -96,8 +96,10 @@ async def test_fetch_over_tls_resumes_after_cuts_and_verifies(
     assert proxy.counters.cuts == 2
     text = stdout.decode()
     assert "Resuming from" in text
-    # Resumed, not restarted: the payload crossed once (TLS framing and headers aside).
-    assert proxy.counters.bytes_down < 1.02 * len(data)
+    # Resumed, not restarted: the payload crossed once, plus what each cut caught in
+    # flight (TLS records and the client's socket buffer, which a reset discards unread;
+    # 146 KB a cut was seen on a loaded machine). A restart would cost 3 MB or more.
+    assert proxy.counters.bytes_down < 1.01 * len(data) + proxy.counters.cuts * 512 * 1024
 
 
 def test_an_untrusted_certificate_is_a_clear_error(
