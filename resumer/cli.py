@@ -23,6 +23,7 @@ from . import config as cfgmod
 from . import progress as P
 from .config import Config
 from .errors import ResumerError, UsageError
+from .events import Event, Stats, ignore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -271,10 +272,10 @@ async def _fetch(args: argparse.Namespace, config: Config) -> int:
             digest=args.digest,
             dest=out,
             stream=sys.stdout.buffer if to_stdout else None,
-            on_progress=render or P.ignore,
+            on_progress=render or ignore,
         )
     if render is not None:
-        render(P.Event("", f"Digest: {result.digest}"))
+        render(Event("", f"Digest: {result.digest}"))
         render.stats(result.stats)
     return EXIT_OK
 
@@ -285,12 +286,12 @@ async def _pull(args: argparse.Namespace, config: Config) -> int:
     render = None if args.quiet else P.renderer(config.progress, sys.stdout)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
         outcome = await engine.pull(
-            args.image, dest=args.dest, platform=args.platform, on_progress=render or P.ignore
+            args.image, dest=args.dest, platform=args.platform, on_progress=render or ignore
         )
     if args.quiet:
         sys.stdout.write(outcome.reference + "\n")
     elif render is not None:
-        render(P.Event("", f"Status: {outcome.status}"))
+        render(Event("", f"Status: {outcome.status}"))
         if not isinstance(render, P.JsonRenderer):
             sys.stdout.write(outcome.reference + "\n")
         render.stats(outcome.stats)
@@ -302,17 +303,17 @@ async def _resume(args: argparse.Namespace, config: Config) -> int:
 
     render = P.renderer(config.progress, sys.stdout)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
-        result = await engine.resume(on_progress=render or P.ignore)
-    total = P.Stats()
+        result = await engine.resume(on_progress=render or ignore)
+    total = Stats()
     for outcome in result.outcomes:
         total.add(outcome.stats)
         if render is not None:
-            render(P.Event("", f"Status: {outcome.status}"))
+            render(Event("", f"Status: {outcome.status}"))
     for failure in result.failures:
         _emit_error(config, f"pull {failure.pull_id} of {failure.reference}: {failure.error}")
     if render is not None:
         if not result.outcomes and not result.failures:
-            render(P.Event("", "Status: nothing to resume"))
+            render(Event("", "Status: nothing to resume"))
         render.stats(total)
     if result.failures:
         done = len(result.outcomes)

@@ -32,6 +32,7 @@ from typing import Any
 from . import progress as P
 from .config import Config
 from .errors import UsageError
+from .events import Event, Status
 from .lab.images import BuiltImage, LayerSpec, build_image, file_digest
 from .lab.proxy import FaultProxy, Faults
 from .lab.registry import FromZeroResult, OfflineRegistry, pull_from_zero
@@ -48,7 +49,7 @@ LAYERS = ((10 / 48, True), (18 / 48, False), (15 / 48, False), (5 / 48, True))
 #: How much the generated text shrinks under gzip (measured: ~2.9x).
 TEXT_RATIO = 2.9
 #: Statuses the condensed (non-tty) display leaves out; the tty shows them all.
-QUIET = (P.PULLING_FS_LAYER, P.WAITING, P.VERIFYING, P.EXTRACTING)
+QUIET = (Status.PULLING_FS_LAYER, Status.WAITING, Status.VERIFYING, Status.EXTRACTING)
 #: More runs than this and the demo gives up (one killed, normally one resume).
 MAX_RUNS = 4
 
@@ -324,7 +325,7 @@ async def _run_child(command: list[str], display: _Display, *, kill_after: int |
             if lid and detail.get("current") is not None:
                 done[lid] = int(detail["current"])
                 totals[lid] = int(detail.get("total") or 0)
-            elif lid in totals and msg.get("status") == P.DOWNLOAD_COMPLETE:
+            elif lid in totals and msg.get("status") == Status.DOWNLOAD_COMPLETE:
                 done[lid] = totals[lid]
             if kill_after is not None and sum(done.values()) >= kill_after:
                 result.killed_at = sum(done.values())
@@ -368,14 +369,17 @@ class _Display:
         if event.status in QUIET:
             return
         quarter = -1
-        if event.status == P.DOWNLOADING and event.total:
+        if event.status == Status.DOWNLOADING and event.total:
             quarter = 4 * (event.current or 0) // event.total
         key = (event.status, quarter)
-        if self._last.get(event.id) == key and event.status not in (P.RESUMING, P.RETRYING):
+        if self._last.get(event.id) == key and event.status not in (
+            Status.RESUMING,
+            Status.RETRYING,
+        ):
             return
         self._last[event.id] = key
         detail = ""
-        if event.status == P.DOWNLOADING and event.total:
+        if event.status == Status.DOWNLOADING and event.total:
             detail = f" {P.format_bytes(event.current or 0)}/{P.format_bytes(event.total)}"
         prefix = f"{event.id}: " if event.id else ""
         self.say(f"  {prefix}{event.text}{detail}")
@@ -384,20 +388,20 @@ class _Display:
         self.say(f"  {text}")
 
 
-def _event(msg: dict[str, Any]) -> P.Event:
+def _event(msg: dict[str, Any]) -> Event:
     """Rebuild the library's event from one line of ``--progress json``."""
     if "error" in msg:
-        return P.Event("", "", error=str(msg["error"]))
+        return Event("", "", error=str(msg["error"]))
     status = str(msg.get("status", ""))
     lid = str(msg.get("id", ""))
     detail = msg.get("progressDetail") or {}
-    for kind, prefix in ((P.RESUMING, "Resuming from "), (P.RETRYING, "Retrying in ")):
+    for kind, prefix in ((Status.RESUMING, "Resuming from "), (Status.RETRYING, "Retrying in ")):
         if status.startswith(prefix):
             try:
-                return P.Event(lid, kind, value=int(status[len(prefix) :].split()[0]))
+                return Event(lid, kind, value=int(status[len(prefix) :].split()[0]))
             except (ValueError, IndexError):
                 break
-    return P.Event(lid, status, detail.get("current"), detail.get("total"))
+    return Event(lid, status, detail.get("current"), detail.get("total"))
 
 
 def _n(count: int, noun: str) -> str:

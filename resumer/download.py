@@ -27,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import progress as P
 from .config import Config
 from .errors import LayerDownloadError, RegistrationError, TransferError
-from .progress import Event, Stats
+from .events import Event, Stats, Status, ignore
 from .pulls import LayerState, Pull, PullLayer, Pulls
 from .register import chain_ids, compute_diff_id
 from .source import Source
@@ -88,7 +87,7 @@ async def pull_layers(
     transfers: TransferManager,
     store: Store,
     config: Config,
-    emit: Emit = P.ignore,
+    emit: Emit = ignore,
     pull_id: int | None = None,
 ) -> PullResult:
     """Download and register ``layers`` in order; see the module docstring for semantics.
@@ -140,10 +139,10 @@ class _Run:
             # "Already exists" needs the blob as well: the destination layout links it.
             if self.chains[i] in existing and ingest.has_blob(job.digest, job.size):
                 result.existed.append(i)
-                status = P.ALREADY_EXISTS
+                status = Status.ALREADY_EXISTS
             else:
                 self.positions.setdefault(job.digest, []).append(i)
-                status = P.PULLING_FS_LAYER
+                status = Status.PULLING_FS_LAYER
             if (job.id, status) not in shown:  # a repeated digest is one line, as in docker
                 shown.add((job.id, status))
                 self.emit(Event(job.id, status))
@@ -190,7 +189,7 @@ class _Run:
         result = await self.transfers.fetch(req, self.emit)
         if result.existed:
             # Committed by an earlier run: no transfer events came, so close the line here.
-            self.emit(Event(job.id, P.DOWNLOAD_COMPLETE))
+            self.emit(Event(job.id, Status.DOWNLOAD_COMPLETE))
         if self.pull_id is not None:
             await self.pulls.set_layer_state(self.pull_id, positions, LayerState.DOWNLOADED)
         # Inflate now, beside the other downloads, not when registration reaches this
@@ -251,7 +250,7 @@ class _Run:
             await asyncio.wait([task])
             if task.cancelled() or task.exception() is not None:
                 raise self._failure(i)
-            self.emit(Event(job.id, P.EXTRACTING))
+            self.emit(Event(job.id, Status.EXTRACTING))
             if job.digest in self.diff_errors:
                 raise self.diff_errors[job.digest]
             diff_id = self.diff_ids[job.digest]  # a repeated digest is inflated once per run
@@ -263,7 +262,7 @@ class _Run:
             await self.pulls.register_chain(
                 chain, diff_id, parent, job.digest, pull_id=self.pull_id, positions=[i]
             )
-            self.emit(Event(job.id, P.PULL_COMPLETE))
+            self.emit(Event(job.id, Status.PULL_COMPLETE))
             parent = chain
 
     def _failure(self, position: int) -> BaseException:

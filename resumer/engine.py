@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import aiohttp
 
-from . import progress as P
 from .clock import Clock, SystemClock
 from .config import Config
 from .digest import Digest
@@ -33,11 +32,11 @@ from .errors import (
     RootUnusableError,
     UsageError,
 )
+from .events import ProgressCallback, Stats, ignore
 from .fetch import revalidate
 from .gc import collect_partials
 from .ingest import Ingest
 from .layout import Layout, create_temp, fsync_dir, make_dirs
-from .progress import Stats
 from .rootlock import RootLock
 from .source import UrlSource, check_url, redact_url
 from .store import Store, TransferState
@@ -141,7 +140,7 @@ class Engine:
         *,
         dest: Path | None = None,
         platform: str | None = None,
-        on_progress: P.ProgressCallback = P.ignore,
+        on_progress: ProgressCallback = ignore,
     ) -> PullOutcome:
         """Pull an image into ``dest`` (an OCI layout; default: the root's own)."""
         from .pull import layout_for, pull_image
@@ -158,7 +157,7 @@ class Engine:
             emit=on_progress,
         )
 
-    async def resume(self, on_progress: P.ProgressCallback = P.ignore) -> ResumeResult:
+    async def resume(self, on_progress: ProgressCallback = ignore) -> ResumeResult:
         """Continue every unfinished pull, oldest first, with its stored options.
 
         One pull that fails, for good or for this run, never stops the others: an
@@ -242,7 +241,7 @@ class Engine:
         *,
         digest: str | None = None,
         dest: Path | None = None,
-        on_progress: P.ProgressCallback = P.ignore,
+        on_progress: ProgressCallback = ignore,
         headers: dict[str, str] | None = None,
         stream: BinaryIO | None = None,
     ) -> FetchResult:

@@ -1,90 +1,13 @@
-"""Progress events in the shape of Docker's JSON message stream, and the run statistics.
+"""The CLI's renderers of progress events (tty, plain, json), in docker pull's shapes.
 
-The library hands events to a callback; the CLI's renderers (tty, plain, json) draw them.
+The events themselves, and the statistics, are the library's: see events.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The statuses docker pull shows, in the order a layer normally meets them.
-PULLING_FS_LAYER = "Pulling fs layer"
-WAITING = "Waiting"
-DOWNLOADING = "Downloading"
-RESUMING = "Resuming from"  # rendered "Resuming from N"
-RETRYING = "Retrying in"  # rendered "Retrying in N seconds"
-VERIFYING = "Verifying Checksum"
-DOWNLOAD_COMPLETE = "Download complete"
-EXTRACTING = "Extracting"
-PULL_COMPLETE = "Pull complete"
-ALREADY_EXISTS = "Already exists"
-
-
-@dataclass(frozen=True)
-class Event:
-    """One state change of one layer (``id`` = 12 hex digits of its digest) or of the pull."""
-
-    id: str
-    status: str
-    current: int | None = None
-    total: int | None = None
-    #: the number in "Resuming from N" or "Retrying in N seconds"
-    value: int | None = None
-    error: str | None = None
-
-    @property
-    def text(self) -> str:
-        if self.status == RESUMING:
-            return f"Resuming from {self.value}"
-        if self.status == RETRYING:
-            return f"Retrying in {self.value} second{'s' if self.value != 1 else ''}"
-        return self.status
-
-    def to_json(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"error": self.error, "errorDetail": {"message": self.error}}
-        out: dict[str, Any] = {"status": self.text}
-        if self.id:
-            out["id"] = self.id
-        if self.current is not None:
-            out["progressDetail"] = {"current": self.current, "total": self.total}
-        return out
-
-
-ProgressCallback = Callable[[Event], None]
-
-
-def ignore(_: Event) -> None:
-    """A callback that drops every event."""
-
-
-@dataclass
-class Stats:
-    """What a run cost: the numbers both the vendor and the operator ask for."""
-
-    payload_bytes: int = 0  # size of the blobs this run made complete
-    wire_bytes: int = 0  # body bytes received
-    wasted_bytes: int = 0  # received and thrown away, for any reason
-    attempts: int = 0
-    resumes: int = 0  # attempts that started at an offset > 0
-    discards: dict[str, int] = field(default_factory=dict)
-
-    def add(self, other: Stats) -> None:
-        self.payload_bytes += other.payload_bytes
-        self.wire_bytes += other.wire_bytes
-        self.wasted_bytes += other.wasted_bytes
-        self.attempts += other.attempts
-        self.resumes += other.resumes
-        for k, v in other.discards.items():
-            self.discards[k] = self.discards.get(k, 0) + v
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("discards")
-        return d
-
+from .events import Event, Stats, Status
 
 # --- renderers ------------------------------------------------------------------------
 
@@ -121,10 +44,10 @@ class PlainRenderer:
 
     def _changed(self, event: Event) -> bool:
         last = self._last.get(event.id)
-        if last is None or last.status != event.status or event.status == RESUMING:
+        if last is None or last.status != event.status or event.status == Status.RESUMING:
             return True
         # A countdown ticks down; a new retry starts a new, longer one.
-        return event.status == RETRYING and (event.value or 0) >= (last.value or 0)
+        return event.status == Status.RETRYING and (event.value or 0) >= (last.value or 0)
 
     def __call__(self, event: Event) -> None:
         if event.error is not None:
@@ -133,10 +56,10 @@ class PlainRenderer:
             self._last[event.id] = event
             prefix = f"{event.id}: " if event.id else ""
             detail = ""
-            if event.status == DOWNLOADING and event.total:
+            if event.status == Status.DOWNLOADING and event.total:
                 detail = f" {format_bytes(event.current or 0)}/{format_bytes(event.total)}"
             self.out.write(f"{prefix}{event.text}{detail}\n")
-        elif event.status == RETRYING:
+        elif event.status == Status.RETRYING:
             self._last[event.id] = event  # the tick, to tell the next countdown from it
         self.out.flush()
 
@@ -210,7 +133,7 @@ def _terminal_width(out: Any) -> int:
 
 
 def _bar(event: Event) -> str:
-    if event.status != DOWNLOADING or not event.total:
+    if event.status != Status.DOWNLOADING or not event.total:
         return ""
     width = 50
     cur = event.current or 0

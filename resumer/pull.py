@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import progress as P
 from .config import Config
 from .download import LayerJob, PullResult, pull_layers
 from .errors import ResumerError
+from .events import Event, ProgressCallback, Stats, ignore
 from .layout import Layout
-from .progress import Event, Stats
 from .pulls import Pulls, PullState
 from .registry import Reference, RegistryClient, ResolvedImage, parse_reference
 from .retry import fails_for_good
@@ -74,7 +73,7 @@ async def pull_image(
     dest: Layout,
     content: Layout,
     platform: str | None = None,
-    emit: P.ProgressCallback = P.ignore,
+    emit: ProgressCallback = ignore,
     pin: str | None = None,
 ) -> PullOutcome:
     """Pull ``reference`` into ``dest``; ``pin`` resolves a stored pull's manifest exactly."""

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import aiohttp
 
-from . import progress as P
 from .clock import Clock
 from .config import Config
 from .errors import (
@@ -28,9 +27,9 @@ from .errors import (
     TransferError,
     UnauthorizedError,
 )
+from .events import Event, Stats, Status, ignore
 from .fetch import StallPolicy, attempt
 from .ingest import Ingest, Partial
-from .progress import Event, Stats
 from .retry import AttemptBudget, LinearDelay, countdown, should_retry
 from .source import Endpoint, Source
 from .store import Store, TransferState
@@ -130,7 +129,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
         now = clock.monotonic()
         if now - last_progress[0] >= 0.1 or offset == partial.size:
             last_progress[0] = now
-            emit(Event(req.id, P.DOWNLOADING, offset, partial.size))
+            emit(Event(req.id, Status.DOWNLOADING, offset, partial.size))
 
     try:
         # Inside the try: the partial is open (its recorder task, threads and file) and
@@ -145,7 +144,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             if start > 0:
                 partial.mark_resumed()
                 stats.resumes += 1
-                emit(Event(req.id, P.RESUMING, start, partial.size, value=start))
+                emit(Event(req.id, Status.RESUMING, start, partial.size, value=start))
             attempts += 1
             stats.attempts += 1
             attempt_id = await store.start_attempt(
@@ -179,7 +178,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                     stats.discards.get(out.discard_reason, 0) + out.discarded_bytes
                 )
             if err is None and out.complete:
-                emit(Event(req.id, P.VERIFYING))
+                emit(Event(req.id, Status.VERIFYING))
                 try:
                     path = await partial.commit()
                 except DigestMismatchError as exc:
@@ -205,7 +204,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             if committed:
                 size = path.stat().st_size
                 stats.payload_bytes += size
-                emit(Event(req.id, P.DOWNLOAD_COMPLETE))
+                emit(Event(req.id, Status.DOWNLOAD_COMPLETE))
                 digest = req.digest or partial.sha256
                 return BlobResult(path, digest, size, stats, attempts)
             assert err is not None
@@ -232,7 +231,7 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             if not budget.allows_another(attempts):
                 raise BudgetExhaustedError(req.key, attempts, err)
             wait = delay(attempts, getattr(err, "retry_after", None))
-            await countdown(wait, clock, lambda n: emit(Event(req.id, P.RETRYING, value=n)))
+            await countdown(wait, clock, lambda n: emit(Event(req.id, Status.RETRYING, value=n)))
     except BaseException as exc:
         if not committed:
             # Shielded: a second cancel must not interrupt the last checkpoint.
@@ -353,7 +352,7 @@ class TransferManager:
         self.max_running = 0  # the most that ever ran at once (observable for tests)
         self.started: dict[str, int] = {}  # transfers started per key
 
-    async def fetch(self, req: BlobRequest, emit: Emit = P.ignore) -> BlobResult:
+    async def fetch(self, req: BlobRequest, emit: Emit = ignore) -> BlobResult:
         """Watch (starting if needed) the transfer of ``req``; cancelling only unwatches."""
         shared = self._active.get(req.key)
         if shared is None or shared.task is None or shared.task.done():
@@ -363,7 +362,7 @@ class TransferManager:
         shared.watchers.append(emit)
         if shared.queued:
             # Joined a transfer that is queued: it has told the others, tell this one too.
-            emit(Event(req.id, P.WAITING))
+            emit(Event(req.id, Status.WAITING))
         try:
             assert shared.task is not None
             return await asyncio.shield(shared.task)
@@ -408,7 +407,7 @@ class TransferManager:
             return existing
         if self._sem.locked():
             shared.queued = True
-            shared.emit(Event(req.id, P.WAITING))
+            shared.emit(Event(req.id, Status.WAITING))
         try:
             await self._sem.acquire()
         finally:

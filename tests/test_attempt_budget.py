@@ -26,7 +26,6 @@ from test_helpers_core import (
 )
 
 from resumer import cli
-from resumer import progress as P
 from resumer.clock import FakeClock
 from resumer.config import Config
 from resumer.errors import (
@@ -35,6 +34,7 @@ from resumer.errors import (
     DigestMismatchError,
     ServerError,
 )
+from resumer.events import Status
 from resumer.retry import LinearDelay
 
 SIZE = 200_000
@@ -176,7 +176,7 @@ async def test_delay_sequence_is_5_10_15_seconds_counted_down(tmp_path: Path) ->
     assert gaps(srv.times) == [5.0, 10.0, 15.0]
     # A countdown of whole seconds, like docker's "Retrying in N seconds".
     assert clock.sleeps == [1.0] * 30
-    countdown = events.values(P.RETRYING)
+    countdown = events.values(Status.RETRYING)
     assert countdown == [*range(5, 0, -1), *range(10, 0, -1), *range(15, 0, -1)]
     texts = events.texts()
     assert "Retrying in 5 seconds" in texts and "Retrying in 1 second" in texts
@@ -210,7 +210,7 @@ async def test_progress_shows_the_countdown_and_where_it_resumes(tmp_path: Path)
     assert texts.count(f"Resuming from {N}") == 2  # the 500 attempt and the last one
     assert texts.index("Retrying in 5 seconds") < texts.index(f"Resuming from {N}")
     assert "Retrying in 10 seconds" in texts
-    assert texts[-2:] == [P.VERIFYING, P.DOWNLOAD_COMPLETE]
+    assert texts[-2:] == [Status.VERIFYING, Status.DOWNLOAD_COMPLETE]
     assert {e.id for e in events.events} == {DIGEST[7:19]}
 
 

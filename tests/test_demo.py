@@ -11,8 +11,8 @@ from pathlib import Path
 
 from servers import SKOPEO_BIN, missing_binaries
 
-from resumer import progress as P
 from resumer.demo import _event
+from resumer.events import Status
 
 SIZE_MIB = 16
 
@@ -99,15 +99,15 @@ def test_demo_pulls_through_cuts_and_a_kill_and_measures_the_baseline(tmp_path: 
 def test_demo_rebuilds_events_from_json_lines() -> None:
     resuming = _event({"id": "abc", "status": "Resuming from 1048576"})
     assert (resuming.status, resuming.value, resuming.text) == (
-        P.RESUMING,
+        Status.RESUMING,
         1048576,
         "Resuming from 1048576",
     )
     retrying = _event({"id": "abc", "status": "Retrying in 2 seconds"})
-    assert (retrying.status, retrying.value) == (P.RETRYING, 2)
+    assert (retrying.status, retrying.value) == (Status.RETRYING, 2)
     down = _event(
         {"id": "abc", "status": "Downloading", "progressDetail": {"current": 5, "total": 9}}
     )
-    assert (down.status, down.current, down.total) == (P.DOWNLOADING, 5, 9)
+    assert (down.status, down.current, down.total) == (Status.DOWNLOADING, 5, 9)
     err = _event({"error": "boom", "errorDetail": {"message": "boom"}})
     assert err.error == "boom"

@@ -17,14 +17,13 @@ import pytest
 from aiohttp import web
 from badserver import Behaviour, BlobServer, cut, stall, status
 
-from resumer import progress as P
 from resumer.clock import FakeClock
 from resumer.config import Config
 from resumer.download import LayerDownloadError, LayerJob, PullResult, jobs_for, pull_layers
 from resumer.engine import Engine
 from resumer.errors import BudgetExhaustedError, NotFoundError, RegistrationError
+from resumer.events import Event, Status, ignore
 from resumer.lab.images import Layer, LayerSpec, make_layer
-from resumer.progress import Event
 from resumer.pulls import LayerState, Pulls, PullState
 from resumer.register import chain_ids
 from resumer.source import UrlSource
@@ -141,7 +140,7 @@ async def opened(root: Path, cfg: Config) -> AsyncIterator[Engine]:
 async def pull(
     engine: Engine,
     jobs: Sequence[LayerJob],
-    emit: Callable[[Event], None] = P.ignore,
+    emit: Callable[[Event], None] = ignore,
     pull_id: int | None = None,
 ) -> PullResult:
     return await pull_layers(
@@ -283,19 +282,19 @@ async def test_multi_layer_pull_registers_in_order(
         assert result.stats.attempts == 4
         for x, path in zip(stack, result.blobs, strict=True):
             assert hashlib.sha256(path.read_bytes()).hexdigest() == _name(x)
-        assert rec.ids(P.PULL_COMPLETE) == [_id(x) for x in stack]
+        assert rec.ids(Status.PULL_COMPLETE) == [_id(x) for x in stack]
         for x in stack:
-            assert rec.index(x, P.PULLING_FS_LAYER) < rec.index(x, P.DOWNLOAD_COMPLETE)
-            assert rec.index(x, P.DOWNLOAD_COMPLETE) < rec.index(x, P.EXTRACTING)
-            assert rec.index(x, P.EXTRACTING) < rec.index(x, P.PULL_COMPLETE)
+            assert rec.index(x, Status.PULLING_FS_LAYER) < rec.index(x, Status.DOWNLOAD_COMPLETE)
+            assert rec.index(x, Status.DOWNLOAD_COMPLETE) < rec.index(x, Status.EXTRACTING)
+            assert rec.index(x, Status.EXTRACTING) < rec.index(x, Status.PULL_COMPLETE)
 
         # Again: every chain is registered, so every layer "Already exists", no transfer.
         requests = len(server.requests)
         rec2 = Recorder()
         again = await pull(engine, jobs, rec2)
         assert again.existed == [0, 1, 2, 3]
-        assert rec2.ids(P.ALREADY_EXISTS) == [_id(x) for x in stack]
-        assert [e.status for e in rec2.events] == [P.ALREADY_EXISTS] * 4
+        assert rec2.ids(Status.ALREADY_EXISTS) == [_id(x) for x in stack]
+        assert [e.status for e in rec2.events] == [Status.ALREADY_EXISTS] * 4
         assert len(server.requests) == requests
         assert again.stats.attempts == 0
 
@@ -312,7 +311,7 @@ async def test_blob_present_but_chain_unregistered_is_registered_without_transfe
         await pull(engine, [job(server, x) for x in stack], rec)
         assert server.hits(pool[1]) == [""]  # fetched once, by the first pull
         assert len(server.requests) == requests + 1
-        assert rec.saw(pool[1], P.DOWNLOAD_COMPLETE) and rec.saw(pool[1], P.PULL_COMPLETE)
+        assert rec.saw(pool[1], Status.DOWNLOAD_COMPLETE) and rec.saw(pool[1], Status.PULL_COMPLETE)
         assert (await chain_rows(engine))[1:] == expected_rows(stack)
 
 
@@ -329,8 +328,8 @@ async def test_concurrency_never_exceeds_the_limit(
         await pull(engine, [job(server, x) for x in stack], rec)
         assert engine.transfers.max_running == limit  # reached, never exceeded
         # The layers beyond the limit queued, and said so.
-        assert len(set(rec.ids(P.WAITING))) == len(stack) - limit
-        assert rec.ids(P.PULL_COMPLETE) == [_id(x) for x in stack]
+        assert len(set(rec.ids(Status.WAITING))) == len(stack) - limit
+        assert rec.ids(Status.PULL_COMPLETE) == [_id(x) for x in stack]
 
 
 # --------------------------------------------------------------------------- dedup
@@ -350,7 +349,7 @@ async def test_a_layer_twice_in_one_stack_is_transferred_once(
         # Registered again on its own parent: four chains, the third on top of b.
         assert await chain_rows(engine) == expected_rows(stack)
         assert result.chain_ids[2] != result.chain_ids[0]
-        assert rec.ids(P.PULL_COMPLETE) == [_id(x) for x in stack]
+        assert rec.ids(Status.PULL_COMPLETE) == [_id(x) for x in stack]
         assert result.stats.payload_bytes == a.size + b.size + c.size
         assert await layer_states(engine, pull_id) == [LayerState.REGISTERED] * 4
 
@@ -367,7 +366,7 @@ async def test_two_concurrent_pulls_share_transfers(
         both = asyncio.Event()
         real_fetch = engine.transfers.fetch
 
-        async def counting_fetch(req, emit=P.ignore):  # type: ignore[no-untyped-def]
+        async def counting_fetch(req, emit=ignore):  # type: ignore[no-untyped-def]
             calls[req.key] = calls.get(req.key, 0) + 1
             if all(calls.get(k, 0) == 2 for k in shared):
                 both.set()
@@ -412,9 +411,9 @@ async def test_cancel_mid_pull_keeps_partials_and_registers_nothing_past_the_poi
         pull_id = await stored_pull(engine, jobs)
         ready = rec.when(
             lambda: (
-                rec.saw(small, P.PULL_COMPLETE)
-                and rec.saw(big1, P.DOWNLOADING)
-                and rec.saw(big2, P.DOWNLOADING)
+                rec.saw(small, Status.PULL_COMPLETE)
+                and rec.saw(big1, Status.DOWNLOADING)
+                and rec.saw(big2, Status.DOWNLOADING)
             )
         )
         task = asyncio.create_task(pull(engine, jobs, rec, pull_id))
@@ -480,7 +479,7 @@ async def test_max_attempts_per_layer(
             assert await chain_rows(engine) == expected_rows(stack)
             return
         await rec.when(
-            lambda: rec.saw(base, P.PULL_COMPLETE) and rec.saw(other, P.DOWNLOADING)
+            lambda: rec.saw(base, Status.PULL_COMPLETE) and rec.saw(other, Status.DOWNLOADING)
         ).wait()
         gate.set()
         with pytest.raises(LayerDownloadError) as info:
@@ -528,7 +527,7 @@ async def test_failing_middle_layer_fails_the_layers_above(
         jobs = [job(server, x) for x in stack]
         pull_id = await stored_pull(engine, jobs)
         task = asyncio.create_task(pull(engine, jobs, rec, pull_id))
-        await rec.when(lambda: rec.saw(a, P.PULL_COMPLETE)).wait()
+        await rec.when(lambda: rec.saw(a, Status.PULL_COMPLETE)).wait()
         gate.set()
         with pytest.raises(LayerDownloadError) as info:
             await task
@@ -542,7 +541,7 @@ async def test_failing_middle_layer_fails_the_layers_above(
             LayerState.FAILED,
             LayerState.FAILED,
         ]
-        assert rec.ids(P.PULL_COMPLETE) == [_id(a)]
+        assert rec.ids(Status.PULL_COMPLETE) == [_id(a)]
 
         # Nothing lost: the next run registers the rest; a is not fetched again.
         result = await pull(engine, jobs, Recorder(), pull_id)
@@ -561,7 +560,7 @@ async def test_registration_failure_cancels_in_flight_transfers(
     async with opened(tmp_path / "root", config()) as engine:
         jobs = [job(server, a, diff_id=pool[1].diff_id), job(server, big)]
         task = asyncio.create_task(pull(engine, jobs, rec))
-        await rec.when(lambda: rec.saw(big, P.DOWNLOADING)).wait()
+        await rec.when(lambda: rec.saw(big, Status.DOWNLOADING)).wait()
         with pytest.raises(RegistrationError):
             await task  # does not wait for the stalled layer: it is cancelled
         row = await engine.store.transfer(big.digest)
@@ -580,15 +579,15 @@ async def test_slow_first_layer_still_completes_first(
     async with opened(tmp_path / "root", config(max_concurrent_downloads=4)) as engine:
         task = asyncio.create_task(pull(engine, [job(server, x) for x in stack], rec))
         # The first layer's server holds it until every later layer has downloaded.
-        await rec.when(lambda: all(rec.saw(x, P.DOWNLOAD_COMPLETE) for x in rest)).wait()
-        assert not any(e.status == P.PULL_COMPLETE for e in rec.events)
+        await rec.when(lambda: all(rec.saw(x, Status.DOWNLOAD_COMPLETE) for x in rest)).wait()
+        assert not any(e.status == Status.PULL_COMPLETE for e in rec.events)
         gate.set()
         await task
-    assert rec.ids(P.PULL_COMPLETE) == [_id(x) for x in stack]
-    first_done = rec.index(first, P.DOWNLOAD_COMPLETE)
+    assert rec.ids(Status.PULL_COMPLETE) == [_id(x) for x in stack]
+    first_done = rec.index(first, Status.DOWNLOAD_COMPLETE)
     for x in rest:
-        assert rec.index(x, P.DOWNLOAD_COMPLETE) < first_done
-        assert rec.index(x, P.PULL_COMPLETE) > rec.index(first, P.PULL_COMPLETE)
+        assert rec.index(x, Status.DOWNLOAD_COMPLETE) < first_done
+        assert rec.index(x, Status.PULL_COMPLETE) > rec.index(first, Status.PULL_COMPLETE)
 
 
 # --------------------------------------------------------------------------- registration
@@ -613,7 +612,7 @@ async def test_diff_id_mismatch_is_a_clear_error_and_not_registered(
             LayerState.FAILED,
             LayerState.FAILED,
         ]
-        assert rec.ids(P.PULL_COMPLETE) == [_id(a)]
+        assert rec.ids(Status.PULL_COMPLETE) == [_id(a)]
 
 
 async def test_decompression_bomb_limit(

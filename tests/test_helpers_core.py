@@ -25,7 +25,7 @@ from badserver import BlobServer
 from resumer.clock import FakeClock
 from resumer.config import Config
 from resumer.engine import Engine
-from resumer.progress import Event
+from resumer.events import Event
 from resumer.source import Endpoint
 from resumer.store import AttemptRow
 

@@ -26,8 +26,8 @@ from resumer.config import Config
 from resumer.download import LayerDownloadError, pull_layers
 from resumer.engine import Engine
 from resumer.errors import RegistrationError
+from resumer.events import Event
 from resumer.lab.images import Layer, LayerSpec, make_layer
-from resumer.progress import Event
 from resumer.pulls import LayerState, Pulls
 from resumer.register import chain_ids
 

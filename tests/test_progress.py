@@ -21,38 +21,38 @@ from conftest import PushImage
 from test_resume_process import cli_env, layer_id, resumer_cmd
 
 from resumer import progress as P
+from resumer.events import Event, Stats, Status
 from resumer.lab.images import LayerSpec, build_image
-from resumer.progress import Event, Stats
 
 A, B = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 KiB = 1024
 
 SCRIPT = [
     Event("v1", "Pulling from lab/app"),
-    Event(A, P.PULLING_FS_LAYER),
-    Event(B, P.PULLING_FS_LAYER),
-    Event(B, P.WAITING),
-    Event(A, P.DOWNLOADING, 100 * KiB, 1000 * KiB),
-    Event(A, P.DOWNLOADING, 200 * KiB, 1000 * KiB),
-    Event(A, P.RETRYING, value=5),
-    Event(A, P.RETRYING, value=4),
-    Event(A, P.RETRYING, value=3),
-    Event(A, P.RESUMING, 200 * KiB, 1000 * KiB, value=200 * KiB),
-    Event(A, P.DOWNLOADING, 300 * KiB, 1000 * KiB),
-    Event(A, P.RETRYING, value=10),  # a second retry: a new countdown
-    Event(A, P.RETRYING, value=9),
-    Event(A, P.RESUMING, 300 * KiB, 1000 * KiB, value=300 * KiB),
-    Event(A, P.DOWNLOADING, 1000 * KiB, 1000 * KiB),
-    Event(A, P.VERIFYING),
-    Event(A, P.DOWNLOAD_COMPLETE),
-    Event(B, P.DOWNLOADING, 10, 20),
-    Event(B, P.DOWNLOADING, 20, 20),
-    Event(B, P.VERIFYING),
-    Event(B, P.DOWNLOAD_COMPLETE),
-    Event(A, P.EXTRACTING),
-    Event(A, P.PULL_COMPLETE),
-    Event(B, P.EXTRACTING),
-    Event(B, P.PULL_COMPLETE),
+    Event(A, Status.PULLING_FS_LAYER),
+    Event(B, Status.PULLING_FS_LAYER),
+    Event(B, Status.WAITING),
+    Event(A, Status.DOWNLOADING, 100 * KiB, 1000 * KiB),
+    Event(A, Status.DOWNLOADING, 200 * KiB, 1000 * KiB),
+    Event(A, Status.RETRYING, value=5),
+    Event(A, Status.RETRYING, value=4),
+    Event(A, Status.RETRYING, value=3),
+    Event(A, Status.RESUMING, 200 * KiB, 1000 * KiB, value=200 * KiB),
+    Event(A, Status.DOWNLOADING, 300 * KiB, 1000 * KiB),
+    Event(A, Status.RETRYING, value=10),  # a second retry: a new countdown
+    Event(A, Status.RETRYING, value=9),
+    Event(A, Status.RESUMING, 300 * KiB, 1000 * KiB, value=300 * KiB),
+    Event(A, Status.DOWNLOADING, 1000 * KiB, 1000 * KiB),
+    Event(A, Status.VERIFYING),
+    Event(A, Status.DOWNLOAD_COMPLETE),
+    Event(B, Status.DOWNLOADING, 10, 20),
+    Event(B, Status.DOWNLOADING, 20, 20),
+    Event(B, Status.VERIFYING),
+    Event(B, Status.DOWNLOAD_COMPLETE),
+    Event(A, Status.EXTRACTING),
+    Event(A, Status.PULL_COMPLETE),
+    Event(B, Status.EXTRACTING),
+    Event(B, Status.PULL_COMPLETE),
     Event("", "Digest: sha256:" + "c" * 64),
     Event("", "Status: Downloaded newer image for lab/app:v1"),
 ]
@@ -94,8 +94,8 @@ def test_json_is_dockers_message_stream() -> None:
 
 
 def test_retrying_in_one_second_is_singular() -> None:
-    assert Event(A, P.RETRYING, value=1).text == "Retrying in 1 second"
-    assert Event(A, P.RETRYING, value=2).text == "Retrying in 2 seconds"
+    assert Event(A, Status.RETRYING, value=1).text == "Retrying in 1 second"
+    assert Event(A, Status.RETRYING, value=2).text == "Retrying in 2 seconds"
 
 
 # ---------------------------------------------------------------------- plain
@@ -216,11 +216,11 @@ def test_tty_starts_a_new_block_after_a_closing_line() -> None:
     out = io.StringIO()
     render = P.TtyRenderer(out, width=100)
     for e in (
-        Event(A, P.DOWNLOADING, 1, 2),
-        Event(A, P.PULL_COMPLETE),
+        Event(A, Status.DOWNLOADING, 1, 2),
+        Event(A, Status.PULL_COMPLETE),
         Event("", "Status: one"),
-        Event(B, P.PULLING_FS_LAYER),
-        Event(B, P.PULL_COMPLETE),
+        Event(B, Status.PULLING_FS_LAYER),
+        Event(B, Status.PULL_COMPLETE),
         Event("", "Status: two"),
     ):
         render(e)
@@ -237,8 +237,8 @@ def test_tty_starts_a_new_block_after_a_closing_line() -> None:
 def test_tty_cuts_lines_to_the_terminal_width() -> None:
     out = io.StringIO()
     render = P.TtyRenderer(out, width=40)
-    render(Event(A, P.DOWNLOADING, 5, 10))
-    render(Event(A, P.DOWNLOADING, 6, 10))
+    render(Event(A, Status.DOWNLOADING, 5, 10))
+    render(Event(A, Status.DOWNLOADING, 6, 10))
     screen = Screen(width=40)
     screen.feed(out.getvalue())
     assert screen.text == [f"{A}: Downloading [=============="[:39]]

@@ -18,9 +18,9 @@ from test_pull_real import MiB, assert_readable
 
 from resumer.config import Config
 from resumer.engine import Engine
+from resumer.events import Event
 from resumer.lab.images import BuiltImage, LayerSpec, build_image
 from resumer.lab.proxy import FaultProxy, Faults
-from resumer.progress import Event
 
 
 def build(work: Path, seed: int, big: int) -> BuiltImage:

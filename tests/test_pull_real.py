@@ -23,9 +23,9 @@ from servers import Registry, skopeo_copy, skopeo_inspect
 
 from resumer.config import Config
 from resumer.engine import Engine
+from resumer.events import Event
 from resumer.lab.images import BuiltImage, LayerSpec, build_image, push_to_registry
 from resumer.layout import IMAGE_NAME, REF_NAME
-from resumer.progress import Event
 
 KiB = 1 << 10
 MiB = 1 << 20

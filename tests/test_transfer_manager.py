@@ -17,13 +17,12 @@ import pytest
 from aiohttp import web
 from badserver import BlobServer, stall
 
-from resumer import progress as P
 from resumer.clock import FakeClock
 from resumer.config import Config
 from resumer.download import LayerJob, pull_layers
 from resumer.engine import Engine
+from resumer.events import Event, Status
 from resumer.lab.images import Layer, LayerSpec, make_layer
-from resumer.progress import Event
 from resumer.pulls import Pulls
 from resumer.source import UrlSource
 from resumer.transfer import BlobRequest, TransferManager
@@ -194,10 +193,10 @@ async def test_a_watcher_joining_a_queued_transfer_is_told_waiting(
         async with asyncio.timeout(10):
             await server.arrival("a").wait()
         tb1 = asyncio.create_task(tm.fetch(_req(server, "b"), first))
-        await first.until(lambda: P.WAITING in first.statuses())
+        await first.until(lambda: Status.WAITING in first.statuses())
         # The second watcher joins while b is still queued behind a.
         tb2 = asyncio.create_task(tm.fetch(_req(server, "b"), second))
-        await second.until(lambda: P.WAITING in second.statuses())
+        await second.until(lambda: Status.WAITING in second.statuses())
         assert tm.started.get(_digest(server.blobs["b"])) is None  # still queued
         server.gate("a").set()
         _, rb1, rb2 = await asyncio.gather(ta, tb1, tb2)
@@ -205,9 +204,9 @@ async def test_a_watcher_joining_a_queued_transfer_is_told_waiting(
         assert tm.started[rb1.digest] == 1  # one transfer, two watchers
         for rec in (first, second):
             st = rec.statuses()
-            assert st.count(P.WAITING) == 1
-            assert st.index(P.WAITING) < st.index(P.DOWNLOAD_COMPLETE)
-        assert P.WAITING not in runner.statuses()
+            assert st.count(Status.WAITING) == 1
+            assert st.index(Status.WAITING) < st.index(Status.DOWNLOAD_COMPLETE)
+        assert Status.WAITING not in runner.statuses()
 
 
 async def test_a_watcher_joining_a_running_transfer_is_not_told_waiting(
@@ -224,8 +223,8 @@ async def test_a_watcher_joining_a_running_transfer_is_not_told_waiting(
         await asyncio.sleep(0)  # let t2 register as a watcher (a yield, not a wait)
         server.gate("a").set()
         await asyncio.gather(t1, t2)
-        assert P.WAITING not in late.statuses()
-        assert P.DOWNLOAD_COMPLETE in late.statuses()
+        assert Status.WAITING not in late.statuses()
+        assert Status.DOWNLOAD_COMPLETE in late.statuses()
 
 
 # --------------------------------------------------------------------------- in store
