@@ -82,6 +82,12 @@ class Stats:
     resumes: int = 0  # attempts that started at an offset > 0
     discards: dict[str, int] = field(default_factory=dict)
 
+    def discard(self, nbytes: int, reason: str) -> None:
+        """Book ``nbytes`` received and thrown away for ``reason`` (adding, never replacing)."""
+        if nbytes > 0:
+            self.wasted_bytes += nbytes
+            self.discards[reason] = self.discards.get(reason, 0) + nbytes
+
     def add(self, other: Stats) -> None:
         self.payload_bytes += other.payload_bytes
         self.wire_bytes += other.wire_bytes

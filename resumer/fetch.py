@@ -1,11 +1,17 @@
-"""One attempt of a (Range) GET over aiohttp, following DESIGN.md's response table.
+"""One attempt over aiohttp: the (Range) GETs that fill a partial's holes, following
+DESIGN.md's response table.
+
+An attempt is one connection's work from connect to success or failure: it asks for
+each hole of the partial in turn, with ``Range: bytes=A-B`` (no Range at all for a
+fresh download), until none is left or a request fails.
 
 | response                                   | action                                         |
 |--------------------------------------------|------------------------------------------------|
-| 206, Content-Range start = offset, total ok | append                                         |
+| 206, Content-Range A-B/total as asked       | write at A                                     |
 | 206 with any other Content-Range           | fail the attempt, write nothing                |
-| 200 while asking for offset > 0            | discard the first offset bytes (waste), append |
-| 416                                        | complete if offset == size, else start again   |
+| 200 while asking for a range               | the whole blob: fill every hole as it passes,  |
+|                                            | discard the rest (waste), stop after the last  |
+| 416                                        | complete if A == size, else start again        |
 | 401                                        | UnauthorizedError: caller refreshes once       |
 | 404; 403                                   | permanent                                      |
 | 408, 429, 5xx, reset, stall                | transient                                      |
@@ -23,7 +29,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urljoin, urlsplit
 
@@ -53,9 +59,14 @@ _UNSATISFIED = re.compile(r"^bytes\s+\*/(\d+)$")
 
 
 class Sink(Protocol):
-    """Where an attempt's body goes (an ingest Partial)."""
+    """Where an attempt's body goes (an ingest Partial): a map of chunks with holes."""
 
-    offset: int
+    offset: int  # the write cursor
+    size: int | None
+
+    def holes(self) -> list[tuple[int, int | None]]: ...
+
+    async def begin_segment(self, start: int) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
 
@@ -111,13 +122,17 @@ class Outcome:
     range_ignored: bool = False
     restarted: bool = False  # the partial was thrown away during this attempt
     error: TransferError | None = None
+    #: bytes thrown away per reason, exactly
+    discards: dict[str, int] = field(default_factory=dict)
+    requests: int = 0  # range requests made (one per hole filled, or fewer)
 
     def discard(self, nbytes: int, reason: str) -> None:
         if nbytes <= 0:
             return
         self.discarded_bytes += nbytes
-        # The reason that cost the most bytes names the row.
-        self.discard_reason = self.discard_reason or reason
+        self.discards[reason] = self.discards.get(reason, 0) + nbytes
+        # The reason that cost the most bytes names the row (all are in ``discards``).
+        self.discard_reason = max(self.discards, key=self.discards.__getitem__)
 
 
 def retry_after(value: str | None, clock: Clock) -> float | None:
@@ -181,20 +196,38 @@ async def _attempt(
     clock: Clock,
     on_bytes: _Progress | None,
 ) -> None:
-    offset = sink.offset
-    headers = dict(endpoint.headers)
-    # Offsets and digests refer to the encoded blob: never let anything decompress it.
-    headers["Accept-Encoding"] = "identity"
-    if offset > 0:
-        headers["Range"] = f"bytes={offset}-"
-        if validator:
-            headers["If-Range"] = validator
-    resp = await _open(session, endpoint.url, headers, verify_tls=endpoint.verify_tls)
-    try:
-        out.status = resp.status
-        await _handle(resp, sink, out, offset, size, validator, watchdog, clock, on_bytes)
-    finally:
-        resp.close()  # never return a half-read connection to the pool
+    while True:
+        holes = sink.holes()
+        if not holes:
+            out.complete = True
+            return
+        start, end = holes[0]
+        size = sink.size if sink.size is not None else size
+        await sink.begin_segment(start)
+        headers = dict(endpoint.headers)
+        # Offsets and digests refer to the encoded blob: never let anything decompress it.
+        headers["Accept-Encoding"] = "identity"
+        whole = start == 0 and (end is None or end == size)
+        if not whole:
+            # A hole between good chunks is asked for bounded (it costs only itself); the
+            # one that runs to the blob's end as ``bytes=A-``, as every resume always was.
+            # Either way the 206 must match both ends: the end is the size-1 we expect.
+            last = "" if end is None or end == size else str(end - 1)
+            headers["Range"] = f"bytes={start}-{last}"
+            if validator:
+                headers["If-Range"] = validator
+        out.requests += 1
+        resp = await _open(session, endpoint.url, headers, verify_tls=endpoint.verify_tls)
+        try:
+            out.status = resp.status
+            finished = await _handle(
+                resp, sink, out, (start, end), size, validator, watchdog, clock, on_bytes
+            )
+        finally:
+            resp.close()  # never return a half-read connection to the pool
+        if finished:
+            out.complete = True
+            return
 
 
 async def revalidate(
@@ -275,28 +308,30 @@ async def _handle(
     resp: aiohttp.ClientResponse,
     sink: Sink,
     out: Outcome,
-    offset: int,
+    asked: tuple[int, int | None],
     size: int | None,
     validator: str | None,
     watchdog: _Watchdog,
     clock: Clock,
     on_bytes: _Progress | None,
-) -> None:
+) -> bool:
+    """Read one response into the sink. True when the blob is known to be complete
+    without another look at its holes (a 416 at its very end)."""
     where = redact_url(str(resp.url))
     status = resp.status
+    start, end = asked
     if status == 416:
         m = _UNSATISFIED.match(resp.headers.get("Content-Range", ""))
         total = int(m.group(1)) if m else None
         # The registry's 416 body can be shorter than its Content-Length: never read it.
-        if total is not None and offset == total and (size is None or size == total):
-            out.complete = True
-            return
-        if offset == 0:
+        if total is not None and start == total and (size is None or size == total):
+            return True
+        if start == 0:
             raise BrokenServerError(f"{where}: 416 for a request from byte 0", status=416)
         out.restarted = True
         await sink.reset()
         raise RangeRestartError(
-            f"{where}: 416 at offset {offset} (server size {total}); partial discarded",
+            f"{where}: 416 at offset {start} (server size {total}); partial discarded",
             status=416,
         )
     if status == 401:
@@ -317,73 +352,112 @@ async def _handle(
         raise PermanentError(f"{where}: unexpected HTTP {status}", status=status)
 
     new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-    skip = 0
     if status == 206:
         m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
         total = None if m is None or m.group(3) == "*" else int(m.group(3))
-        if m is None or int(m.group(1)) != offset or (size is not None and total != size):
+        if (
+            m is None
+            or int(m.group(1)) != start
+            or (end is not None and int(m.group(2)) != end - 1)
+            or (size is not None and total != size)
+        ):
+            want = f"{start}-{'' if end is None else end - 1}"
             raise BrokenServerError(
-                f"{where}: asked for bytes {offset}-, got Content-Range "
+                f"{where}: asked for bytes {want}, got Content-Range "
                 f"{resp.headers.get('Content-Range')!r}",
                 status=206,
             )
         if size is None and total is not None:
             await sink.set_validator(validator or new_validator, total)
             size = total
+        plan: list[tuple[int, int | None]] = [(start, int(m.group(2)) + 1)]
     else:
         length = resp.content_length
         if size is None and length is not None:
             size = length
-        if offset > 0 and validator and new_validator and new_validator != validator:
+        held = sink.holes() != [(0, size)]
+        if held and validator and new_validator and new_validator != validator:
             # If-Range failed: the resource changed, so the partial is of another object,
             # and so is the size learned before.
             out.restarted = True
             await sink.reset(new_validator)
-            offset = 0
             size = length
-        elif offset > 0:
-            out.range_ignored = True
-            skip = offset  # Range ignored: the first offset bytes are waste
-        if offset == 0:
+            held = False
+        elif held:
+            out.range_ignored = True  # the whole blob comes: only its holes are kept
+            if sink.size is None and size is not None:
+                await sink.set_validator(validator or new_validator, size)
+        if not held:
             await sink.set_validator(new_validator, size)
+            await sink.begin_segment(0)
+        plan = [(a, size if b is None else b) for a, b in sink.holes()]
+    return await _read_body(resp, sink, out, plan, size, watchdog, on_bytes, where)
 
-    limit = size  # stop at the expected size
-    content = resp.content
-    wrote = sink.offset
 
-    async def consume(data: bytes) -> None:
-        nonlocal skip, wrote
+async def _read_body(
+    resp: aiohttp.ClientResponse,
+    sink: Sink,
+    out: Outcome,
+    plan: list[tuple[int, int | None]],
+    size: int | None,
+    watchdog: _Watchdog,
+    on_bytes: _Progress | None,
+    where: str,
+) -> bool:
+    """Read a body that starts at ``plan[0][0]`` (a 206) or at 0 (a 200), writing the
+    bytes that fall in the planned holes and discarding the rest as waste.
+
+    Reading stops after the last hole: what follows is already here. A body that runs
+    past the blob's size fails the attempt, and so does one that ends inside a hole.
+    True when the body ended a blob of unknown size (its end is the blob's end).
+    """
+    pos = plan[0][0] if resp.status == 206 else 0
+    holes = list(plan)
+    # A 200 whose last hole runs to the blob's end is read to its end: a byte past the
+    # size fails the attempt. Otherwise reading stops after the last hole.
+    to_end = resp.status == 200 and plan[-1][1] in (None, size)
+
+    async def consume(data: bytes) -> bool:
+        """Take one received piece; False once every hole is filled (stop reading)."""
+        nonlocal pos
         n = len(data)
         out.wire_bytes += n
         watchdog.progress(n)
-        if skip:
-            if n <= skip:
-                skip -= n
-                out.discard(n, "range-ignored")
-                return
-            out.discard(skip, "range-ignored")
-            data = data[skip:]
-            skip = 0
-            n = len(data)
-        if limit is not None and wrote + n > limit:
-            keep = limit - wrote
-            if keep:
-                await sink.write(data[:keep])
-                out.kept_bytes += keep
-                wrote += keep
-            out.discard(n - keep, "overlong-body")
-            raise BrokenServerError(f"{where}: body longer than the expected size {limit}")
-        await sink.write(data)
-        out.kept_bytes += n
-        wrote += n
-        if on_bytes is not None:
-            on_bytes(wrote)
+        view = memoryview(data)
+        while view:
+            if not holes:
+                out.discard(len(view), "range-ignored" if _inside(pos, size) else "overlong-body")
+                if not _inside(pos, size):
+                    raise BrokenServerError(f"{where}: body longer than the expected size {size}")
+                return False
+            a, b = holes[0]
+            if pos < a:
+                take = min(len(view), a - pos)
+                out.discard(take, "range-ignored")
+                view, pos = view[take:], pos + take
+                continue
+            if pos == a and sink.offset != a:
+                await sink.begin_segment(a)
+            take = len(view) if b is None else min(len(view), b - pos)
+            await sink.write(bytes(view[:take]) if take < n else data)
+            out.kept_bytes += take
+            view, pos = view[take:], pos + take
+            if on_bytes is not None:
+                on_bytes(pos)
+            if b is not None and pos >= b:
+                holes.pop(0)
+                if holes:
+                    holes[0] = (max(holes[0][0], pos), holes[0][1])
+        return bool(holes) or to_end
 
-    if _can_read_direct(resp, sink, skip, limit, wrote):
-        assert isinstance(sink, DirectSink)
-        await _read_direct(resp, sink, out, consume, watchdog, on_bytes, where)
-        return
+    if resp.status == 206 or (len(holes) == 1 and holes[0][0] == 0):
+        lone = holes[0]
+        if _can_read_direct(resp, sink, pos, lone):
+            assert isinstance(sink, DirectSink)
+            await _read_direct(resp, sink, out, consume, watchdog, on_bytes, where)
+            return lone[1] is None
 
+    content = resp.content
     while True:
         try:
             # readchunk hands over one received buffer as is; readany would join them all.
@@ -391,22 +465,29 @@ async def _handle(
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # aiohttp raises before handing over what arrived ahead of the cut: keep it.
             for piece in _salvage(content):
-                await consume(piece)
+                if not await consume(piece):
+                    break
             if watchdog.stalled:
                 raise StallError(f"{where}: {watchdog.stalled}") from exc
-            raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {wrote}") from exc
+            raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {pos}") from exc
         if not data:
             break
-        await consume(data)
+        if not await consume(data):
+            break
     if watchdog.stalled:
         raise StallError(f"{where}: {watchdog.stalled}")
-    if limit is not None and wrote < limit:
-        raise ConnectionCutError(f"{where}: connection closed at byte {wrote} of {limit}")
-    out.complete = True
+    if holes and (holes[0][1] is not None or pos < holes[0][0]):
+        want = holes[0][1] if holes[0][1] is not None else holes[0][0]
+        raise ConnectionCutError(f"{where}: connection closed at byte {pos} of {want}")
+    return bool(holes) and holes[-1][1] is None
+
+
+def _inside(pos: int, size: int | None) -> bool:
+    return size is None or pos < size
 
 
 def _can_read_direct(
-    resp: aiohttp.ClientResponse, sink: Sink, skip: int, limit: int | None, wrote: int
+    resp: aiohttp.ClientResponse, sink: Sink, pos: int, hole: tuple[int, int | None]
 ) -> bool:
     """The plain case only: an identity body of known length that is all ours to keep.
 
@@ -415,13 +496,14 @@ def _can_read_direct(
     """
     length = resp.content_length
     conn = resp.connection
+    start, end = hole
     return (
         _DIRECT_BODY
         and isinstance(sink, DirectSink)
-        and skip == 0
+        and pos == start == sink.offset
         and length is not None
         and length > 0
-        and (limit is None or wrote + length == limit)
+        and (end is None or start + length == end)
         and "Transfer-Encoding" not in resp.headers
         and conn is not None
         and conn.transport is not None
@@ -437,7 +519,7 @@ async def _read_direct(
     resp: aiohttp.ClientResponse,
     sink: DirectSink,
     out: Outcome,
-    consume: Callable[[bytes], Awaitable[None]],
+    consume: Callable[[bytes], Awaitable[bool]],
     watchdog: _Watchdog,
     on_bytes: _Progress | None,
     where: str,

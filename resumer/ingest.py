@@ -1,14 +1,22 @@
-"""Partial blobs under ``ROOT/ingest/``: append, checkpoint, verify on reopen, commit.
+"""Partial blobs under ``ROOT/ingest/``: chunk maps written at offsets, verified on reopen.
 
 The shape follows containerd's content store: a writer keyed by a ref that starts *or
 resumes*, and one ``commit`` where content becomes visible. What we add is a chunk hash
 record per chunk, so reopening verifies the partial instead of trusting it.
 
+A partial is a map of chunks, not a prefix. Each chunk is whole, a prefix (the bytes a
+cut left of it, recorded with their length), or a hole. Data is written at its offset
+(pwrite) into a file preallocated for its segment; a transfer fills the holes in
+*segments*, each a byte range ``[start, end)`` written in order from ``begin_segment``.
+
 Invariants kept here (DESIGN.md):
 1. Recorded before trusted; synced before counted as durable. Each chunk's xxh3 is
-   recorded once written; the durable offset only advances after fdatasync.
-2. Never trust a partial file: reopen verifies every recorded chunk in order, cuts at the
-   first bad or unrecorded one and rebuilds sha256 from the verified prefix, off the loop.
+   recorded once written; the durable offset (the contiguous written prefix) only
+   advances after fdatasync.
+2. Never trust a partial file; never throw away a good chunk: reopen verifies every
+   recorded chunk, turns bad or unrecorded ones into holes and keeps the good chunks
+   around them. sha256 is kept over the contiguous verified prefix, off the loop, and
+   completed from disk as the holes are filled.
 3. Verified before visible: commit = fdatasync, size and digest check, rename, fsync dir.
 """
 
@@ -24,7 +32,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,8 @@ _MAX_SLAB = 4 << 20
 _HANDOFF_SECONDS = 0.03
 #: (idx, xxh3, length or None for a whole chunk)
 _Chunk = tuple[int, int, int | None]
+#: a byte range [start, end) of a partial; end None = up to an end not known yet
+Span = tuple[int, int | None]
 #: chunks to record, and a durable offset to advance to (after fdatasync)
 _Record = tuple[list[_Chunk], int | None]
 
@@ -70,9 +80,12 @@ def key_filename(key: str) -> str:
 class Reopened:
     """What reopening a partial found."""
 
-    offset: int  # verified bytes kept
-    discarded: int  # bytes on disk that were cut
-    reason: str | None  # why: "corrupt-chunk" or "unrecorded-tail"
+    offset: int  # verified bytes kept (all chunks, not only a prefix)
+    discarded: int  # bytes on disk that were found bad or unrecorded and are now holes
+    reason: str | None  # the reason that cost the most: "corrupt-chunk" or "unrecorded-tail"
+    #: bytes per reason, exactly (a reopen can find both)
+    discards: dict[str, int] = field(default_factory=dict)
+    holes: int = 0  # how many holes the kept chunks leave
 
 
 class Ingest:
@@ -137,11 +150,11 @@ class Ingest:
                 validator=validator,
                 chunk_size=self.config.chunk_size,
             )
-            hashes: list[tuple[int, int | None]] = []
+            hashes: dict[int, tuple[int, int | None]] = {}
             if digest is not None:
                 hashes = await self._adopt_orphan(key, path, row.chunk_size, size)
         else:
-            hashes = await self.store.chunk_hashes(key)
+            hashes = await self.store.chunk_map(key)
             if size is None:
                 size = row.size
         partial = Partial(
@@ -156,17 +169,19 @@ class Ingest:
         reopened = await partial._reopen(hashes)
         if reopened.discarded:
             log.info(
-                "%s: cut partial at %d, discarded %d bytes (%s)",
+                "%s: kept %d verified bytes; %d bytes found bad or unrecorded (%s) are now"
+                " %d hole(s), to be fetched again",
                 key,
                 reopened.offset,
                 reopened.discarded,
-                reopened.reason,
+                ", ".join(f"{r} {n}" for r, n in sorted(reopened.discards.items())),
+                reopened.holes,
             )
         return partial, reopened
 
     async def _adopt_orphan(
         self, key: str, path: Path, chunk_size: int, size: int | None
-    ) -> list[tuple[int, int | None]]:
+    ) -> dict[int, tuple[int, int | None]]:
         """Take back a partial that gc kept aside for lack of a record (a lost or emptied
         state.db): its whole chunks are recorded as they are now and kept.
 
@@ -176,7 +191,7 @@ class Ingest:
         """
         orphan = self.dir / "orphans" / path.name
         if not orphan.is_file():
-            return []
+            return {}
         loop = asyncio.get_running_loop()
         hashes = await loop.run_in_executor(None, _adopt_file, orphan, path, chunk_size, size)
         if hashes:
@@ -187,7 +202,7 @@ class Ingest:
             key,
             len(hashes) * chunk_size,
         )
-        return [(h, None) for h in hashes]
+        return {i: (h, None) for i, h in enumerate(hashes)}
 
 
 class _Slab:
@@ -224,25 +239,44 @@ class Partial:
         self.size = size
         self.chunk_size = chunk_size
         self.validator = validator
-        self.offset = 0  # bytes accepted (written or queued to be written)
-        self.durable = 0  # bytes known to be fdatasync'd
-        self.resumed_from = 0  # offset found valid on open
+        #: the write cursor: where the next accepted byte goes (inside the open segment)
+        self.offset = 0
+        self.durable = 0  # the contiguous prefix known to be written and fdatasync'd
+        self.resumed_from = 0  # verified bytes found on open
         self._resumed_in_run = False  # set by mark_resumed
         self._cfg = ingest.config
         self._store = ingest.store
         self._clock = ingest.clock
         self._fd = -1
+        # The chunk map, on the loop's side: bytes of each chunk present from its start.
+        # _acc counts what was accepted (handed on or waiting to be); _done what a
+        # finished write put on disk (or reopen verified), which is what a sync covers.
+        self._acc: list[int] = []
+        self._done: list[int] = []
+        self._seg_start = 0  # the open segment's position up to which _acc is settled
+        self._seg_origin = 0  # where the open segment began
+        self._seg_sent_base = 0  # _sent when it began
+        self._held = 0  # sum of _acc once settled
+        # sha256 covers [0, _hash_pos): batches that start there are hashed as they go
+        # (the hasher thread keeps their order); anything else is caught up from disk.
         self._sha: Any = hashlib.sha256()
+        self._hash_pos = 0
+        # The writer thread's cursor and the chunk it is hashing with xxh3. They change
+        # only in that thread, or on the loop while nothing is in flight (begin_segment).
+        self._wpos = 0
         self._xxh = xxhash.xxh3_64()
         self._chunk_fill = 0
         self._next_chunk = 0
+        # Byte counts that only grow (a sync is paced by bytes, wherever they landed).
         self._written = 0  # bytes the worker thread has written
+        self._sent = 0  # bytes handed to the worker threads
+        self._synced = 0  # of _written, what the last finished fdatasync covered
+        self._synced_request = 0  # of _written, what the last started fdatasync covers
         self._pending: list[bytes] = []
         self._pending_len = 0
         # one hand-off per chunk: a crash costs at most a few
         self._batch = min(chunk_size, _MAX_SLAB)
         self._last_flush = 0.0
-        self._sent = 0  # bytes handed to the worker threads
         # Batches handed to the writer (and the hasher) and not yet done, oldest first.
         # Several in flight keep the socket read while the threads write and hash.
         self._inflight: collections.deque[asyncio.Future[list[_Chunk]]] = collections.deque()
@@ -254,7 +288,6 @@ class Partial:
         #: called once at the next completion (room for a read, a send, or an error)
         self._waiters: list[Callable[[], None]] = []
         self._sync_fut: asyncio.Future[None] | None = None
-        self._synced_request = 0
         self._last_sync = 0.0
         self._records: asyncio.Queue[_Record | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
@@ -265,7 +298,7 @@ class Partial:
 
     # --- opening ---------------------------------------------------------------------
 
-    async def _reopen(self, hashes: list[tuple[int, int | None]]) -> Reopened:
+    async def _reopen(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:
         try:
             return await self._verify_and_open(hashes)
         except BaseException:
@@ -273,33 +306,122 @@ class Partial:
             self._release()
             raise
 
-    async def _verify_and_open(self, hashes: list[tuple[int, int | None]]) -> Reopened:
+    async def _verify_and_open(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:
         loop = asyncio.get_running_loop()
         try:
-            offset, discarded, reason, sha, tail = await loop.run_in_executor(
-                self._writer_pool, _verify_prefix, self.path, hashes, self.chunk_size, self.size
+            found = await loop.run_in_executor(
+                self._writer_pool, _verify_map, self.path, hashes, self.chunk_size, self.size
             )
         except OSError as exc:
             raise disk_error(f"cannot verify partial {self.path}", exc) from exc
-        keep = -(-offset // self.chunk_size) if offset else 0
-        if len(hashes) != keep or discarded:
-            await self._store.cut(self.key, keep, offset, self.validator if offset else None)
+        have = found.have
+        held = sum(have)
+        kept = {i for i, n in enumerate(have) if n}
+        stale = [i for i in hashes if i not in kept]
+        prefix = _prefix(have, self.chunk_size, self.size)
+        if stale or found.discarded:
+            validator = self.validator if held else None
+            await self._store.forget_chunks(self.key, stale, prefix, validator)
         else:
-            await self._store.checkpoint(self.key, [], offset)
-        if offset == 0:
+            await self._store.checkpoint(self.key, [], prefix)
+        if held == 0:
             self.validator = None
-        self._sha = sha
-        self.offset = self._written = self._sent = self.durable = self.resumed_from = offset
-        self._synced_request = offset
-        self._next_chunk = offset // self.chunk_size
-        self._chunk_fill = len(tail)
-        if tail:
-            self._xxh.update(tail)  # carry on hashing the chunk the tail record began
+        self._sha, self._hash_pos = found.sha, found.sha_upto
+        self._acc, self._done = list(have), list(have)
+        self._held = self.resumed_from = held
+        self.durable = prefix
         self._fd = await loop.run_in_executor(self._writer_pool, _open_partial, self.path)
         self.ingest.open_partials.add(self)
         self._last_flush = self._last_sync = self._clock.monotonic()
         self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
-        return Reopened(offset, discarded, reason)
+        holes = self.holes()
+        first = holes[0][0] if holes else held
+        await self._seek(first)
+        return Reopened(held, found.discarded, found.reason, found.discards, len(holes))
+
+    # --- the chunk map -----------------------------------------------------------------
+
+    def _chunk_len(self, idx: int) -> int:
+        if self.size is None:
+            return self.chunk_size
+        return max(0, min(self.chunk_size, self.size - idx * self.chunk_size))
+
+    def _settle(self) -> None:
+        """Book the open segment's accepted bytes into the chunk map."""
+        start, end = self._seg_start, self.offset
+        if end > start:
+            _mark(self._acc, start, end, self.chunk_size)
+            self._held += end - start
+        self._seg_start = end
+
+    @property
+    def held(self) -> int:
+        """Bytes present (verified on open, or accepted since), wherever they are."""
+        return self._held + self.offset - self._seg_start
+
+    def holes(self) -> list[Span]:
+        """The byte ranges still to fetch, in order; the last may end where the blob does
+        (None while its size is unknown)."""
+        self._settle()
+        return _holes(self._acc, self.chunk_size, self.size)
+
+    async def begin_segment(self, start: int) -> None:
+        """Write the next accepted bytes from ``start`` (the beginning of a hole).
+
+        Everything accepted before is written out first: the writer's cursor and its
+        per-chunk hash move only while nothing is in flight.
+        """
+        self._settle()
+        if start == self.offset:
+            return
+        await self.flush()
+        await self._seek(start)
+
+    async def _seek(self, start: int) -> None:
+        """Move every cursor to ``start``, with nothing in flight."""
+        cs = self.chunk_size
+        idx, fill = divmod(start, cs)
+        have = self._acc[idx] if idx < len(self._acc) else 0
+        if fill and have < fill:
+            raise TransferError(f"{self.key}: cannot write at {start}: the chunk before is a hole")
+        self._settle()
+        self.offset = self._seg_start = self._seg_origin = self._wpos = start
+        self._seg_sent_base = self._sent
+        self._next_chunk, self._chunk_fill = idx, fill
+        self._xxh.reset()
+        loop = asyncio.get_running_loop()
+        if fill:
+            # Carry on the xxh3 of the chunk whose first bytes are already here.
+            head = await loop.run_in_executor(
+                self._writer_pool, _read_range, self.path, idx * cs, fill
+            )
+            self._xxh.update(head)
+        if self._hash_pos < start:
+            await self._catch_up_sha(start)
+        end = self.size
+        if end is not None and end > start:
+            await loop.run_in_executor(self._writer_pool, _preallocate, self._fd, start, end)
+
+    async def _catch_up_sha(self, limit: int | None) -> None:
+        """Feed sha256 from disk with the chunks present after its position, up to a hole
+        or ``limit``: what was written out of order (a repaired hole's neighbours)."""
+        self._settle()
+        end = _prefix(self._acc, self.chunk_size, self.size)
+        if limit is not None:
+            end = min(end, limit)
+        if end <= self._hash_pos:
+            return
+        await self._drain_hashing()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._hash_pool, _hash_range, self._sha, self.path, self._hash_pos, end
+        )
+        self._hash_pos = end
+
+    async def _drain_hashing(self) -> None:
+        while self._inflight or self._hashing:
+            pending: list[asyncio.Future[Any]] = [*self._inflight, *self._hashing]
+            await asyncio.wait(pending)
 
     # --- writing ---------------------------------------------------------------------
     #
@@ -431,23 +553,31 @@ class Partial:
         if not self._cfg.checkpoints:
             return True
         # Bound what a power cut can cost: never run far ahead of the disk.
-        return self._sent - self.durable < _MAX_SYNC_LAG * self.ingest.sync_interval()
+        return self._sent - self._synced < _MAX_SYNC_LAG * self.ingest.sync_interval()
 
     def _submit(self, views: Sequence[bytes | memoryview], slab: _Slab | None) -> None:
         loop = asyncio.get_running_loop()
         n = sum(len(v) for v in views)
+        # Batches leave in order from the segment's cursor: this one starts where the
+        # ones handed on before it end.
+        at = self._seg_origin + self._sent - self._seg_sent_base
         self._sent += n
         self._last_flush = self._clock.monotonic()
         wfut = loop.run_in_executor(self._writer_pool, self._write_batch, views, n)
-        hfut = loop.run_in_executor(self._hash_pool, _hash_views, self._sha, views)
-        if slab is not None:
-            slab.refs += 2
         self._inflight.append(wfut)
-        self._hashing.append(hfut)
+        refs = 1
+        if at == self._hash_pos:
+            # In order with the sha256: hash from memory, beside the writer.
+            self._hash_pos += n
+            hfut = loop.run_in_executor(self._hash_pool, _hash_views, self._sha, views)
+            self._hashing.append(hfut)
+            hfut.add_done_callback(functools.partial(self._on_hashed, slab))
+            refs = 2
+        if slab is not None:
+            slab.refs += refs
         # Record the batch's chunks the moment it is written, not at the next hand-off:
         # what a crash costs is what is not yet recorded.
         wfut.add_done_callback(functools.partial(self._on_written, slab))
-        hfut.add_done_callback(functools.partial(self._on_hashed, slab))
 
     def _on_written(self, slab: _Slab | None, fut: asyncio.Future[list[_Chunk]]) -> None:
         self._inflight.remove(fut)
@@ -459,6 +589,9 @@ class Partial:
             self._fail(_disk_error(self._store, f"cannot write partial {self.path}", exc))
         else:
             done = fut.result()
+            for idx, _, length in done:
+                _grow(self._done, idx)
+                self._done[idx] = self._chunk_len(idx) if length is None else length
             if done and self._cfg.checkpoints:
                 self._unrecorded += len(done)
                 self._records.put_nowait((done, None))
@@ -506,16 +639,18 @@ class Partial:
             self._start_sync()
 
     def _start_sync(self) -> None:
-        # Everything counted in _written was written by a finished writev: this sync
-        # covers at least that much.
-        upto = self._written
-        self._synced_request = upto
+        # Everything counted in _written, and every chunk in _done, was written by a
+        # finished write: this sync covers at least that much. The claim it makes is the
+        # contiguous prefix (chunks past a hole are durable too, but claiming less is safe).
+        written = self._written
+        upto = _prefix(self._done, self.chunk_size, self.size)
+        self._synced_request = written
         self._last_sync = self._clock.monotonic()
         fut = asyncio.get_running_loop().run_in_executor(self._sync_pool, os.fdatasync, self._fd)
-        fut.add_done_callback(functools.partial(self._on_synced, upto))
+        fut.add_done_callback(functools.partial(self._on_synced, upto, written))
         self._sync_fut = fut
 
-    def _on_synced(self, upto: int, fut: asyncio.Future[None]) -> None:
+    def _on_synced(self, upto: int, written: int, fut: asyncio.Future[None]) -> None:
         self._sync_fut = None
         if fut.cancelled():
             return
@@ -524,8 +659,9 @@ class Partial:
             self._fail(_disk_error(self._store, f"cannot sync partial {self.path}", exc))
         else:
             # Synced before counted as durable.
+            self._synced = max(self._synced, written)
             self.durable = max(self.durable, upto)
-            self._records.put_nowait(([], upto))
+            self._records.put_nowait(([], self.durable))
             self._maybe_sync()
         self._pump()
 
@@ -553,54 +689,52 @@ class Partial:
             self._pump()
 
     def _write_batch(self, batch: Sequence[bytes | memoryview], total: int) -> list[_Chunk]:
-        """Writer thread: write, hash each chunk with xxh3, report finished chunks."""
+        """Writer thread: write at the cursor, hash each chunk with xxh3, report chunks."""
         fd = self._fd
         if self._store.disk_full:
             # Another write found the disk full: what space is left (the released
             # reserve) is for recording that, not for more partial data.
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         views = list(batch)
+        pos = self._wpos
         while views:
-            n = os.writev(fd, views)
+            n = os.pwritev(fd, views, pos)
+            pos += n
             if n == sum(len(v) for v in views):
                 break
             views = _advance(views, n)
-        xxh, cs = self._xxh, self.chunk_size
+        self._wpos = pos
+        xxh = self._xxh
         done: list[_Chunk] = []
         if self._cfg.checkpoints:
+            clen = self._chunk_len(self._next_chunk)
             for piece in batch:
                 mv = memoryview(piece)
                 while mv:
-                    take = min(len(mv), cs - self._chunk_fill)
+                    take = min(len(mv), clen - self._chunk_fill)
                     xxh.update(mv[:take])
                     self._chunk_fill += take
                     mv = mv[take:]
-                    if self._chunk_fill == cs:
-                        done.append((self._next_chunk, to_signed(xxh.intdigest()), None))
+                    if self._chunk_fill == clen:
+                        # A whole chunk; the blob's last, short one says its length.
+                        length = None if clen == self.chunk_size else clen
+                        done.append((self._next_chunk, to_signed(xxh.intdigest()), length))
                         xxh.reset()
                         self._next_chunk += 1
                         self._chunk_fill = 0
+                        clen = self._chunk_len(self._next_chunk)
+            if self._chunk_fill:
+                # The unfinished chunk's prefix, as written so far: a kill keeps it (reopen
+                # verifies it like any chunk). The whole chunk's record replaces it later.
+                done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
         self._written += total
-        at_end = self.size is not None and self._written == self.size
-        if self._cfg.checkpoints and at_end and self._chunk_fill:
-            # The blob's last, short chunk: record it so a crash before commit keeps it.
-            done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
-            xxh.reset()
-            self._next_chunk += 1
-            self._chunk_fill = 0
-        elif self._cfg.checkpoints and self._chunk_fill:
-            # The unfinished chunk's prefix, as written so far: a kill keeps it (reopen
-            # verifies it like any chunk). The whole chunk's record replaces it later.
-            done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
         return done
 
     async def flush(self, *, sync: bool = False) -> None:
         """Write out everything accepted; with ``sync``, checkpoint it durably too."""
         await self._hand_off()
-        while self._inflight or self._hashing:
-            # wait, not gather: a cancelled attempt must not cancel a batch being written
-            pending: list[asyncio.Future[Any]] = [*self._inflight, *self._hashing]
-            await asyncio.wait(pending)
+        # wait, not gather: a cancelled attempt must not cancel a batch being written
+        await self._drain_hashing()
         while self._sync_fut is not None:
             await asyncio.wait([self._sync_fut])
         if sync and self._cfg.checkpoints and self._written > self.durable:
@@ -617,14 +751,18 @@ class Partial:
             self._writer_pool, os.ftruncate, self._fd, 0
         )
         self._sha = hashlib.sha256()
+        self._hash_pos = 0
+        self._acc, self._done = [], []
+        self._held = self.durable = 0
+        self.offset = self._seg_start = self._seg_origin = self._wpos = 0
+        self._seg_sent_base = self._sent
         self._xxh.reset()
-        self.offset = self._written = self._sent = self.durable = self._synced_request = 0
         self._next_chunk = self._chunk_fill = 0
         # From here the content starts at byte zero: a later mismatch is not a resume's.
         self.resumed_from = 0
         self._resumed_in_run = False
         self.validator = validator
-        await self._store.cut(self.key, 0, 0, validator)
+        await self._store.forget_chunks(self.key, None, 0, validator)
         self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
 
     async def set_validator(self, validator: str | None, size: int | None) -> None:
@@ -646,11 +784,6 @@ class Partial:
         try:
             if self._fd >= 0:
                 await self.flush(sync=True)
-                if self._cfg.checkpoints and self._chunk_fill and self._written != self.size:
-                    # A clean stop keeps every byte: record the unfinished chunk's prefix.
-                    tail = (self._next_chunk, to_signed(self._xxh.intdigest()), self._chunk_fill)
-                    self._unrecorded += 1
-                    self._records.put_nowait(([tail], None))
                 await self._drain_records()
         finally:
             try:
@@ -699,12 +832,19 @@ class Partial:
         """Verify size and digest, then make the blob visible: the only way in."""
         await self.flush()
         await self._drain_records()
+        holes = self.holes()
+        if self.size is not None and holes:
+            raise TransferError(
+                f"{self.key}: {self.held} of the expected {self.size} bytes are here"
+                f" (holes at {_spans(holes)})"
+            )
+        if self.size is None:
+            self.size = self.held  # a blob of unknown size ends where its data does
+        await self._catch_up_sha(None)
+        if self._hash_pos != self.size:
+            raise TransferError(f"{self.key}: only {self._hash_pos} bytes could be hashed")
         digest = self.sha256
         expected = self.digest or digest
-        if self.size is not None and self._written != self.size:
-            raise TransferError(
-                f"{self.key}: size {self._written} does not match the expected {self.size}"
-            )
         if digest != expected:
             resumed = self.resumed_from > 0 or self._resumed_in_run
             raise DigestMismatchError(
@@ -758,44 +898,189 @@ def _advance(views: list[Any], n: int) -> list[Any]:
     return out
 
 
-def _verify_prefix(
-    path: Path, hashes: list[tuple[int, int | None]], chunk_size: int, size: int | None
-) -> tuple[int, int, str | None, Any, bytes]:
-    """Worker thread: keep the longest prefix of recorded chunks whose xxh3 match.
+@dataclass
+class _Found:
+    """What ``_verify_map`` found in a partial file."""
 
-    Returns (offset, bytes cut, reason, sha256 state, bytes of an unfinished last chunk).
+    have: list[int]  # bytes present from the start of each chunk (0: a hole)
+    sha: Any  # sha256 over [0, sha_upto)
+    sha_upto: int
+    discarded: int = 0
+    discards: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str | None:
+        return max(self.discards, key=self.discards.__getitem__) if self.discards else None
+
+    def lose(self, nbytes: int, reason: str) -> None:
+        if nbytes > 0:
+            self.discarded += nbytes
+            self.discards[reason] = self.discards.get(reason, 0) + nbytes
+
+
+def _verify_map(
+    path: Path, hashes: dict[int, tuple[int, int | None]], chunk_size: int, size: int | None
+) -> _Found:
+    """Worker thread: check every recorded chunk against its xxh3; the rest are holes.
+
+    Nothing is cut at the first bad chunk: each chunk stands on its own. sha256 is fed
+    with the contiguous verified prefix as it is read. Bytes on disk past the last good
+    chunk (unrecorded, or bad) are truncated away; bad chunks inside stay as they are,
+    to be overwritten when their hole is filled. The file is synced at the end, so what
+    was verified (perhaps from the page cache, after a kill) is durable from here on.
     """
-    sha = hashlib.sha256()
+    found = _Found([], hashlib.sha256(), 0)
     try:
         f = open(path, "r+b")  # noqa: SIM115 - closed below, after the truncate
     except FileNotFoundError:
-        return 0, 0, None, sha, b""  # _open_partial creates it, durably
-    tail = b""
+        return found  # _open_partial creates it, durably
     with f:
-        on_disk = os.fstat(f.fileno()).st_size
-        offset = 0
-        reason: str | None = None
-        for want_hash, length in hashes:
-            want = chunk_size if length is None else length
-            if size is not None:
-                want = min(want, size - offset)
-            if want <= 0:
-                break
-            data = f.read(want)
-            if len(data) < want or to_signed(xxhash.xxh3_64_intdigest(data)) != want_hash:
-                reason = "corrupt-chunk"
-                break
+        fd = f.fileno()
+        on_disk = os.fstat(fd).st_size
+        if size is not None and on_disk > size:
+            found.lose(on_disk - size, "unrecorded-tail")
+            on_disk = size
+        nchunks = -(-on_disk // chunk_size)
+        have = [0] * nchunks
+        in_prefix = True
+        for idx in range(nchunks):
+            start = idx * chunk_size
+            there = min(chunk_size, on_disk - start)
+            record = hashes.get(idx)
+            good = 0
+            if record is not None:
+                want_hash, length = record
+                want = chunk_size if length is None else length
+                if size is not None:
+                    want = min(want, size - start)
+                data = os.pread(fd, want, start) if want > 0 else b""
+                got = to_signed(xxhash.xxh3_64_intdigest(data))
+                if want > 0 and len(data) == want and got == want_hash:
+                    good = want
+                    if in_prefix:
+                        found.sha.update(data)
+                        found.sha_upto += want
+            have[idx] = good
+            if good < there:
+                reason = "corrupt-chunk" if record is not None and good == 0 else "unrecorded-tail"
+                found.lose(there - good, reason)
+            full = chunk_size if size is None else min(chunk_size, size - start)
+            if good < full:
+                in_prefix = False
+        while have and have[-1] == 0:
+            have.pop()
+        last = (len(have) - 1) * chunk_size + have[-1] if have else 0
+        if os.fstat(fd).st_size != last:
+            f.truncate(last)
+        os.fdatasync(fd)
+    found.have = have
+    return found
+
+
+def _prefix(have: Sequence[int], chunk_size: int, size: int | None) -> int:
+    """The contiguous bytes from 0 in a chunk map."""
+    end = 0
+    for idx, n in enumerate(have):
+        end += n
+        full = chunk_size if size is None else min(chunk_size, size - idx * chunk_size)
+        if n < full:
+            break
+    return end
+
+
+def _holes(have: Sequence[int], chunk_size: int, size: int | None) -> list[Span]:
+    """The missing byte ranges of a chunk map, merged, in order."""
+    holes: list[Span] = []
+    nchunks = len(have) if size is None else max(len(have), -(-size // chunk_size))
+    start: int | None = None
+    for idx in range(nchunks):
+        base = idx * chunk_size
+        n = have[idx] if idx < len(have) else 0
+        full = chunk_size if size is None else min(chunk_size, size - base)
+        if n and start is not None:
+            holes.append((start, base))  # a hole ends where present bytes begin
+            start = None
+        if n < full and start is None:
+            start = base + n
+    if size is None:
+        holes.append((start if start is not None else _prefix_end(have, chunk_size), None))
+    elif start is not None:
+        holes.append((start, size))
+    return holes
+
+
+def _prefix_end(have: Sequence[int], chunk_size: int) -> int:
+    return (len(have) - 1) * chunk_size + have[-1] if have else 0
+
+
+def _mark(have: list[int], start: int, end: int, chunk_size: int) -> None:
+    """Book bytes [start, end) as present (each chunk fills from its start, in order)."""
+    idx = start // chunk_size
+    while start < end:
+        base = idx * chunk_size
+        upto = min(end, base + chunk_size)
+        _grow(have, idx)
+        have[idx] = max(have[idx], upto - base)
+        start = upto
+        idx += 1
+
+
+def _grow(have: list[int], idx: int) -> None:
+    if idx >= len(have):
+        have.extend([0] * (idx + 1 - len(have)))
+
+
+def _spans(spans: Sequence[Span]) -> str:
+    shown = ", ".join(f"{a}-{'' if b is None else b - 1}" for a, b in spans[:4])
+    return shown + (f" and {len(spans) - 4} more" if len(spans) > 4 else "")
+
+
+def _read_range(path: Path, start: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), length, start)
+    if len(data) != length:
+        raise OSError(errno.EIO, f"{path}: {len(data)} of {length} bytes at {start}")
+    return data
+
+
+def _hash_range(sha: Any, path: Path, start: int, end: int) -> None:
+    """Hasher thread: feed sha256 with [start, end) of the file, in 1 MiB reads."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        pos = start
+        while pos < end:
+            data = os.pread(fd, min(1 << 20, end - pos), pos)
+            if not data:
+                raise OSError(errno.EIO, f"{path}: ends at {pos}, expected {end} bytes")
             sha.update(data)
-            offset += want
-            if want < chunk_size:
-                tail = data if size is None or offset < size else b""
-                break
-        if offset < on_disk and reason is None:
-            reason = "unrecorded-tail"
-        if on_disk != offset:
-            f.truncate(offset)
-        os.fdatasync(f.fileno())
-    return offset, max(0, on_disk - offset), reason if on_disk > offset else None, sha, tail
+            pos += len(data)
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_libc: Any = None
+
+
+def _preallocate(fd: int, start: int, end: int) -> None:
+    """Writer thread: reserve the blocks of [start, end) so the segment's writes neither
+    fragment nor meet a full disk half way. KEEP_SIZE: the file's length still says what
+    was written. Best effort: a file system that cannot (FUSE, tmpfs on old kernels) or
+    a disk without the room just writes as it goes, and meets ENOSPC where it meets it."""
+    global _libc
+    try:
+        if _libc is None:
+            import ctypes
+            import ctypes.util
+
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc.fallocate.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_longlong,
+                ctypes.c_longlong,
+            ]
+        _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, start, end - start)
+    except (OSError, AttributeError):
+        _libc = False  # no fallocate(2) here: never try again
 
 
 def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> list[int]:
@@ -815,13 +1100,14 @@ def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> 
 
 
 def _open_partial(path: Path) -> int:
-    """Open the partial for appending; a new one's directory entry is synced first, so
-    the durable offsets recorded for it never outlive the file (durable once recorded)."""
+    """Open the partial for writing at offsets; a new one's directory entry is synced
+    first, so the durable offsets recorded for it never outlive the file (durable once
+    recorded)."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND)
+        return os.open(path, os.O_RDWR)
     except FileNotFoundError:
         # 0o666 & ~umask, as open() does: the partial becomes a blob others must read.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         fsync_dir(path.parent)
         return fd
 

@@ -155,7 +155,8 @@ async def _transfer(store: Store, t: TransferRow, *, running: bool) -> dict[str,
     attempts = await store.attempts(t.key)
     last_run = attempts[-1].run_id if attempts else None
     run = [a for a in attempts if a.run_id == last_run and a.attempt_no > 0]
-    recorded = sum(length or t.chunk_size for _, length in await store.chunk_hashes(t.key))
+    chunks = (await store.chunk_map(t.key)).values()
+    recorded = sum(length or t.chunk_size for _, length in chunks)
     if t.size is not None:
         recorded = min(recorded, t.size)
     return {

@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -306,22 +306,14 @@ class Store:
         assert row is not None
         return row
 
-    async def chunk_hashes(self, key: str) -> list[tuple[int, int | None]]:
-        """Recorded (xxh3, length) of chunks 0, 1, 2 … (stops at the first gap).
+    async def chunk_map(self, key: str) -> dict[int, tuple[int, int | None]]:
+        """Every recorded chunk: idx → (xxh3, length).
 
-        ``length`` is None for a whole chunk, else the byte count the hash covers.
+        ``length`` is None for a whole chunk, else the byte count the hash covers (the
+        first bytes of a chunk a cut left, or the blob's short last chunk). Gaps are holes.
         """
-        rows = await self.read(
-            "SELECT idx, xxh3, length FROM chunks WHERE key = ? ORDER BY idx", (key,)
-        )
-        out: list[tuple[int, int | None]] = []
-        for row in rows:
-            if row[0] != len(out):
-                break
-            out.append((row[1], row[2]))
-            if row[2] is not None:
-                break  # a short chunk can only be the last
-        return out
+        rows = await self.read("SELECT idx, xxh3, length FROM chunks WHERE key = ?", (key,))
+        return {int(r[0]): (int(r[1]), r[2]) for r in rows}
 
     async def checkpoint(
         self,
@@ -348,12 +340,20 @@ class Store:
         # makes reopen keep less. A durable offset is a claim, so it is synced.
         await self.run(tx, durable=durable is not None)
 
-    async def cut(self, key: str, keep_chunks: int, offset: int, validator: str | None) -> None:
-        """Forget chunks from ``keep_chunks`` on: the partial was cut to ``offset``."""
+    async def forget_chunks(
+        self, key: str, idxs: Sequence[int] | None, offset: int, validator: str | None
+    ) -> None:
+        """Forget the records of chunks ``idxs`` (None: every chunk), found bad or gone:
+        they are holes now. ``offset`` is the durable prefix that is left."""
         now = self.clock.time()
 
         def tx(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM chunks WHERE key = ? AND idx >= ?", (key, keep_chunks))
+            if idxs is None:
+                c.execute("DELETE FROM chunks WHERE key = ?", (key,))
+            else:
+                c.executemany(
+                    "DELETE FROM chunks WHERE key = ? AND idx = ?", [(key, i) for i in idxs]
+                )
             c.execute(
                 "UPDATE transfers SET offset = ?, validator = ?, state = ?, updated = ?"
                 " WHERE key = ?",
@@ -424,14 +424,17 @@ class Store:
         end_offset: int,
         wire_bytes: int,
         kept_bytes: int,
-        discarded_bytes: int,
-        discard_reason: str | None,
+        discards: Mapping[str, int],
         http_status: int | None,
         error: str | None,
     ) -> None:
+        """End an attempt; ``discards`` is every byte it threw away, per reason."""
         now = self.clock.time()
-        await self.run(
-            lambda c: c.execute(
+        total = sum(discards.values())
+        top = max(discards, key=discards.__getitem__) if discards else None
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute(
                 "UPDATE attempts SET ended = ?, end_offset = ?, wire_bytes = ?, kept_bytes = ?,"
                 " discarded_bytes = ?, discard_reason = ?, http_status = ?, error = ?"
                 " WHERE id = ?",
@@ -440,27 +443,40 @@ class Store:
                     end_offset,
                     wire_bytes,
                     kept_bytes,
-                    discarded_bytes,
-                    discard_reason,
+                    total,
+                    top,
                     http_status,
                     error,
                     attempt_id,
                 ),
-            ),
-            durable=False,
-        )
+            )
+            _book_discards(c, attempt_id, discards)
+
+        await self.run(tx, durable=False)
 
     async def record_discard(self, key: str, run_id: str, nbytes: int, reason: str) -> None:
         """An accounting row for bytes found bad on reopen (no request was made)."""
         now = self.clock.time()
-        await self.run(
-            lambda c: c.execute(
+
+        def tx(c: sqlite3.Connection) -> None:
+            cur = c.execute(
                 "INSERT INTO attempts (key, run_id, attempt_no, started, ended, start_offset,"
                 " end_offset, discarded_bytes, discard_reason) VALUES (?, ?, 0, ?, ?, 0, 0, ?, ?)",
                 (key, run_id, now, now, nbytes, reason),
-            ),
-            durable=False,
-        )
+            )
+            _book_discards(c, int(cur.lastrowid or 0), {reason: nbytes})
+
+        await self.run(tx, durable=False)
+
+    async def discards(self, key: str | None = None) -> dict[str, int]:
+        """Bytes thrown away per reason, over every attempt (of ``key``, if given)."""
+        sql = "SELECT d.reason, SUM(d.bytes) FROM attempt_discards d"
+        params: tuple[str, ...] = ()
+        if key is not None:
+            sql += " JOIN attempts a ON a.id = d.attempt_id WHERE a.key = ?"
+            params = (key,)
+        rows = await self.read(sql + " GROUP BY d.reason", params)
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def attempts(self, key: str | None = None) -> list[AttemptRow]:
         if key is None:
@@ -490,6 +506,13 @@ def move_aside(db: Path) -> Path | None:
     fsync_dir(dest)
     fsync_dir(db.parent)
     return dest
+
+
+def _book_discards(c: sqlite3.Connection, attempt_id: int, discards: Mapping[str, int]) -> None:
+    c.executemany(
+        "INSERT OR REPLACE INTO attempt_discards (attempt_id, reason, bytes) VALUES (?, ?, ?)",
+        [(attempt_id, r, n) for r, n in discards.items() if n > 0],
+    )
 
 
 def db_error(path: Path, exc: sqlite3.Error) -> StoreError:

@@ -125,22 +125,22 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
     open_attempt: tuple[int, int] | None = None  # (attempt id, start offset) until ended
     last_progress = [0.0]
 
-    def on_bytes(offset: int) -> None:
+    def on_bytes(offset: int) -> None:  # the cursor; progress shows all bytes held
         now = clock.monotonic()
-        if now - last_progress[0] >= 0.1 or offset == partial.size:
+        held = partial.held
+        if now - last_progress[0] >= 0.1 or held == partial.size:
             last_progress[0] = now
-            emit(Event(req.id, Status.DOWNLOADING, offset, partial.size))
+            emit(Event(req.id, Status.DOWNLOADING, held, partial.size))
 
     try:
         # Inside the try: the partial is open (its recorder task, threads and file) and
         # is closed on every way out, including a failure or a cancel right here.
-        if reopened.discarded and reopened.reason:
-            stats.wasted_bytes += reopened.discarded
-            stats.discards[reopened.reason] = reopened.discarded
-            await store.record_discard(req.key, ctx.run_id, reopened.discarded, reopened.reason)
+        for reason, nbytes in reopened.discards.items():
+            stats.discard(nbytes, reason)
+            await store.record_discard(req.key, ctx.run_id, nbytes, reason)
         while True:
             endpoint = chooser.pick(await req.source.endpoints())
-            start = partial.offset
+            start = partial.held
             if start > 0:
                 partial.mark_resumed()
                 stats.resumes += 1
@@ -172,31 +172,26 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             if out.restarted:
                 out.discard(start, "partial-discarded")
             stats.wire_bytes += out.wire_bytes
-            stats.wasted_bytes += out.discarded_bytes
-            if out.discard_reason:
-                stats.discards[out.discard_reason] = (
-                    stats.discards.get(out.discard_reason, 0) + out.discarded_bytes
-                )
             if err is None and out.complete:
                 emit(Event(req.id, Status.VERIFYING))
                 try:
                     path = await partial.commit()
                 except DigestMismatchError as exc:
                     err = exc
-                    wasted = partial.offset
+                    wasted = partial.held
                     await partial.reset()
-                    stats.wasted_bytes += wasted
-                    stats.discards["digest-mismatch"] = wasted
                     out.discard(wasted, "digest-mismatch")
                 else:
                     committed = True
+            # Booked once, per reason, after every discard of the attempt is known.
+            for reason, nbytes in out.discards.items():
+                stats.discard(nbytes, reason)
             await store.end_attempt(
                 attempt_id,
-                end_offset=partial.offset,
+                end_offset=partial.held,
                 wire_bytes=out.wire_bytes,
                 kept_bytes=out.kept_bytes,
-                discarded_bytes=out.discarded_bytes,
-                discard_reason=out.discard_reason,
+                discards=out.discards,
                 http_status=out.status,
                 error=str(err) if err else None,
             )
@@ -272,14 +267,13 @@ async def _keep_partial(
     finally:
         if open_attempt is not None:
             attempt_id, start = open_attempt
-            kept = max(0, partial.offset - start)
+            kept = max(0, partial.held - start)
             await store.end_attempt(
                 attempt_id,
-                end_offset=partial.offset,
+                end_offset=partial.held,
                 wire_bytes=kept,
                 kept_bytes=kept,
-                discarded_bytes=0,
-                discard_reason=None,
+                discards={},
                 http_status=None,
                 error="cancelled" if cancelled else str(exc),
             )

@@ -108,15 +108,18 @@ class BlobServer:
                 extra["WWW-Authenticate"] = 'Bearer realm="x"'
             self.requests.append(Logged(name, headers, b.status, 0, b.kind))
             return web.Response(status=b.status, headers=extra)
-        start = 0
+        start, end = 0, None if data is None else len(data)
         rng = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
         honour = rng is not None and b.kind != "ignore-range"
         if honour and if_range is not None and if_range != self.etag:
             honour = False
         if honour:
-            assert rng is not None and rng.startswith("bytes=") and rng.endswith("-")
-            start = int(rng[6:-1])
+            # bytes=A- or bytes=A-B (inclusive), one range: what resumer sends
+            assert rng is not None and rng.startswith("bytes=") and "," not in rng, rng
+            first, _, last = rng[6:].partition("-")
+            start = int(first)
+            end = min(len(data), int(last) + 1) if last else len(data)
         if honour and start >= len(data):
             self.requests.append(Logged(name, headers, 416, 0, b.kind))
             resp = web.StreamResponse(
@@ -131,14 +134,14 @@ class BlobServer:
             resp.content_length = 0
             resp.headers["Content-Length"] = "0"
             return resp
-        body = data[start:] + b.extra
+        body = data[start:end] + b.extra
         st = 206 if honour else 200
         resp = web.StreamResponse(status=st)
         if self.etag:
             resp.headers["ETag"] = self.etag
         if honour:
             first = start + 7 if b.kind == "wrong-range" else start
-            resp.headers["Content-Range"] = f"bytes {first}-{len(data) - 1}/{len(data)}"
+            resp.headers["Content-Range"] = f"bytes {first}-{(end or 0) - 1}/{len(data)}"
         resp.content_length = len(body)
         await resp.prepare(request)
         limit = len(body)

@@ -183,20 +183,33 @@ async def test_range_ignored_discards_prefix_as_waste(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 416
 
 
-async def _complete_partial(root: Path, data: bytes) -> None:
+async def _complete_partial(root: Path, data: bytes, *, size: int | None) -> None:
     """Leave a partial holding every byte, as a run killed right before commit does."""
     async with open_engine(root) as eng:
-        partial, _ = await eng.ingest.open(sha256(data), digest=sha256(data), size=len(data))
+        partial, _ = await eng.ingest.open(sha256(data), digest=sha256(data), size=size)
         await partial.write(data)
         await partial.close()
+
+
+async def test_a_partial_without_holes_commits_without_a_request(tmp_path: Path) -> None:
+    """Its size known, a partial whose chunks are all here needs nothing from the server."""
+    root = tmp_path / "root"
+    await _complete_partial(root, DATA, size=SIZE)
+    async with serve({"b": DATA}) as srv, open_engine(root) as eng:
+        result = await fetch_ok(eng, srv, tmp_path / "out")
+        assert srv.requests == [] and srv.bytes_served == 0
+        (row,) = await attempt_rows(eng)
+        assert (row.http_status, row.error, row.wire_bytes) == (None, None, 0)
+        assert result.stats.wire_bytes == 0 and result.attempts == 1
 
 
 @pytest.mark.parametrize("kind", ["honest", "short-416"])
 async def test_416_at_the_expected_size_commits_without_downloading(
     tmp_path: Path, kind: str
 ) -> None:
+    """Its size not known, a whole partial asks from its end; a 416 there says complete."""
     root = tmp_path / "root"
-    await _complete_partial(root, DATA)
+    await _complete_partial(root, DATA, size=None)
     async with serve({"b": DATA}, [Behaviour(kind)]) as srv, open_engine(root) as eng:
         # short-416: a Content-Length the body never fills; reading it would hang.
         async with asyncio.timeout(10):
@@ -359,9 +372,9 @@ async def test_overlong_body_from_byte_zero_stops_at_the_expected_size(tmp_path:
             5,
             "overlong-body",
         )
-        # The next attempt finds the partial complete: a 416 at exactly the size commits it.
-        assert range_start(srv.requests[1].headers) == SIZE
-        assert (second.http_status, second.error) == (416, None)
+        # The next attempt finds the partial without holes: it commits with no request.
+        assert len(srv.requests) == 1
+        assert (second.http_status, second.error, second.wire_bytes) == (None, None, 0)
         assert result.stats.discards == {"overlong-body": 5}
 
 
@@ -373,7 +386,7 @@ async def test_overlong_body_on_a_resume_stops_at_the_expected_size(tmp_path: Pa
         assert rows[1].discard_reason == "overlong-body"
         assert rows[1].discarded_bytes == 10
         assert rows[1].end_offset == SIZE
-        assert rows[2].http_status == 416
+        assert (rows[2].http_status, rows[2].wire_bytes) == (None, 0)  # no hole: no request
         assert result.stats.wasted_bytes == 10
 
 
@@ -623,7 +636,7 @@ async def test_registry_resume_after_a_stall(registry, tmp_path: Path) -> None:
 async def test_registry_416_at_the_end_of_the_blob_means_complete(registry, tmp_path: Path) -> None:
     digest = await _push_blob(registry.url, "lab/blob", DATA)
     root = tmp_path / "root"
-    await _complete_partial(root, DATA)
+    await _complete_partial(root, DATA, size=None)  # else no request is needed
     async with open_engine(root) as eng:
         # The registry answers 416 with a body shorter than its Content-Length.
         async with asyncio.timeout(10):
