@@ -30,7 +30,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +292,10 @@ class Partial:
         self._records: asyncio.Queue[_Record | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
+        self._committed = False
+        #: readers of the growing partial, woken when more is written (or it ends)
+        self._growth: list[asyncio.Future[None]] = []
+        self._generation = 0  # bumped when the content is thrown away (reset)
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-write")
         self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-hash")
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="resumer-sync")
@@ -417,6 +421,52 @@ class Partial:
             self._hash_pool, _hash_range, self._sha, self.path, self._hash_pos, end
         )
         self._hash_pos = end
+
+    # --- readers of a growing partial ----------------------------------------------------
+
+    def readable(self) -> int:
+        """Bytes from 0 that are written, in order: what a reader may have while the blob
+        grows (they are our own writes; the digest check comes at commit, and every OCI
+        client checks it again)."""
+        return _prefix(self._done, self.chunk_size, self.size)
+
+    async def read_growing(self, start: int = 0, block: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``start``, as they are written, to its end.
+
+        Ends with ``TransferError`` if the content is thrown away meanwhile (a reset: the
+        bytes already given were of another object) or the partial closes before the end.
+        The file stays open for the reader, so a commit's rename does not disturb it.
+        """
+        loop = asyncio.get_running_loop()
+        generation = self._generation
+        fd = await loop.run_in_executor(None, os.open, self.path, os.O_RDONLY)
+        try:
+            pos = start
+            while self.size is None or pos < self.size:
+                end = self.readable()
+                if pos < end:
+                    data = await loop.run_in_executor(
+                        None, os.pread, fd, min(block, end - pos), pos
+                    )
+                    if generation != self._generation or not data:
+                        raise TransferError(f"{self.key}: partial discarded while being read")
+                    pos += len(data)
+                    yield data
+                    continue
+                if generation != self._generation:
+                    raise TransferError(f"{self.key}: partial discarded while being read")
+                if self._fd < 0 and not self._committed:
+                    raise TransferError(f"{self.key}: partial closed at {pos} of {self.size}")
+                fut = loop.create_future()
+                self._growth.append(fut)
+                await fut
+        finally:
+            os.close(fd)
+
+    def _wake_readers(self) -> None:
+        waiting, self._growth = self._growth, []
+        for fut in waiting:
+            _wake(fut)
 
     async def _drain_hashing(self) -> None:
         while self._inflight or self._hashing:
@@ -592,6 +642,8 @@ class Partial:
             for idx, _, length in done:
                 _grow(self._done, idx)
                 self._done[idx] = self._chunk_len(idx) if length is None else length
+            if done and self._growth:
+                self._wake_readers()
             if done and self._cfg.checkpoints:
                 self._unrecorded += len(done)
                 self._records.put_nowait((done, None))
@@ -752,6 +804,8 @@ class Partial:
         )
         self._sha = hashlib.sha256()
         self._hash_pos = 0
+        self._generation += 1
+        self._wake_readers()
         self._acc, self._done = [], []
         self._held = self.durable = 0
         self.offset = self._seg_start = self._seg_origin = self._wpos = 0
@@ -814,6 +868,7 @@ class Partial:
 
     def _release(self) -> None:
         self.ingest.open_partials.discard(self)
+        self._wake_readers()
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -858,6 +913,7 @@ class Partial:
             await loop.run_in_executor(self._writer_pool, _commit_file, fd, self.path, dest)
         except OSError as exc:
             raise disk_error(f"cannot commit {expected} to {dest}", exc) from exc
+        self._committed = True  # readers finish from the same inode, now the blob
         self._release()
         await self._store.finish_transfer(self.key, TransferState.COMMITTED, digest=expected)
         return dest
