@@ -91,6 +91,14 @@ def partial_file(root: Path, digest: str = DIGEST) -> Path:
     return root / "ingest" / ("sha256-" + digest[7:])
 
 
+def damage(path: Path, *edits: tuple[int, bytes]) -> None:
+    """Overwrite bytes of a closed partial in place (a torn write, a flipped bit)."""
+    with open(path, "r+b") as f:
+        for at, data in edits:
+            f.seek(at)
+            f.write(data)
+
+
 async def write_range(partial: Partial, start: int, end: int, data: bytes = DATA) -> None:
     await partial.begin_segment(start)
     pos = start
@@ -139,9 +147,7 @@ async def test_corrupted_in_the_middle_becomes_one_hole(root: Path) -> None:
     written = 9 * CHUNK
     async with open_engine(root) as engine, partial_of(engine) as partial:
         await write_range(partial, 0, written)
-    with open(partial_file(root), "r+b") as f:  # a torn write: 4 KiB zeroed in chunk 4
-        f.seek(4 * CHUNK + 50)
-        f.write(b"\0" * 4000)
+    damage(partial_file(root), (4 * CHUNK + 50, b"\0" * 4000))  # a torn write in chunk 4
     async with open_engine(root) as engine:
         partial, reopened = await engine.ingest.open(DIGEST, digest=DIGEST, size=SIZE)
         assert reopened.offset == written - CHUNK
@@ -154,11 +160,7 @@ async def test_commit_after_repair(root: Path) -> None:
     written = 9 * CHUNK
     async with open_engine(root) as engine, partial_of(engine) as partial:
         await write_range(partial, 0, written)
-    with open(partial_file(root), "r+b") as f:
-        f.seek(2 * CHUNK + 5)
-        f.write(b"\xff")
-        f.seek(7 * CHUNK)
-        f.write(b"\x00" * CHUNK)
+    damage(partial_file(root), (2 * CHUNK + 5, b"\xff"), (7 * CHUNK, b"\0" * CHUNK))
     async with open_engine(root) as engine:
         partial, _ = await engine.ingest.open(DIGEST, digest=DIGEST, size=SIZE)
         assert partial.holes() == [
@@ -177,9 +179,7 @@ async def test_a_wrong_repair_is_never_committed(root: Path) -> None:
     async with open_engine(root) as engine, partial_of(engine) as partial:
         await write_range(partial, 0, SIZE)
         await partial.close()
-    with open(partial_file(root), "r+b") as f:
-        f.seek(5 * CHUNK)
-        f.write(b"\x00")
+    damage(partial_file(root), (5 * CHUNK, b"\xff"))
     async with open_engine(root) as engine:
         partial, _ = await engine.ingest.open(DIGEST, digest=DIGEST, size=SIZE)
         assert partial.holes() == [(5 * CHUNK, 6 * CHUNK)]
