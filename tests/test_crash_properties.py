@@ -6,16 +6,18 @@ Every run talks to a real aiohttp server (tests/badserver.py) on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from badserver import BlobServer, cut, stall
 from crash import run_fetch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resumer.config import Config
@@ -140,25 +142,67 @@ def _resume_offset_after_reopen(root: Path, digest: str) -> int:
 corruption = st.one_of(
     st.tuples(st.just("truncate"), st.floats(0, 1)),
     st.tuples(st.just("zero-tail"), st.floats(0, 1)),
+    st.tuples(st.just("zero-range"), st.tuples(st.floats(0, 1), st.integers(1, 3 * CS))),
     st.tuples(st.just("flip"), st.floats(0, 1)),
     st.tuples(st.just("longer"), st.integers(1, 3 * CS)),
     st.tuples(st.just("db-offset"), st.integers(1, 10 * SIZE)),
+    st.tuples(st.just("db-lose-record"), st.floats(0, 1)),
 )
+
+
+def _damage(root: Path, partial: Path, digest: str, kind: str, amount: Any) -> None:
+    """One kind of damage to a closed partial or its records (what a crash, a torn
+    write or a bad disk leaves)."""
+    size = partial.stat().st_size
+    if kind == "truncate":
+        os.truncate(partial, int(size * float(amount)))
+    elif kind == "zero-tail":
+        at = int(size * float(amount))
+        with open(partial, "r+b") as f:
+            f.seek(at)
+            f.write(b"\0" * (size - at))
+    elif kind == "zero-range":  # a torn write in the middle: the sectors never written
+        at = int(size * float(amount[0]))
+        with open(partial, "r+b") as f:
+            f.seek(at)
+            f.write(b"\0" * min(amount[1], max(0, size - at)))
+    elif kind == "flip" and size:
+        at = min(size - 1, int(size * float(amount)))
+        with open(partial, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif kind == "longer":
+        with open(partial, "ab") as f:
+            f.write(os.urandom(int(amount)))
+    elif kind == "db-offset":
+        with contextlib.closing(sqlite3.connect(root / "state.db")) as conn:
+            conn.execute("UPDATE transfers SET offset = ? WHERE key = ?", (size + amount, digest))
+            conn.commit()
+    elif kind == "db-lose-record":
+        with contextlib.closing(sqlite3.connect(root / "state.db")) as conn:
+            idx = int(size / CS * float(amount))
+            conn.execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (digest, idx))
+            conn.commit()
 
 
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(first_cut=st.integers(CS, SIZE - 1), damage=corruption)
+@given(first_cut=st.integers(CS, SIZE - 1), damages=st.lists(corruption, min_size=1, max_size=4))
+@example(first_cut=SIZE // 2, damages=[("zero-range", (0.5, 4096))])
+@example(first_cut=SIZE - 1, damages=[("flip", 0.1), ("flip", 0.6), ("db-lose-record", 0.3)])
 def test_damage_after_a_crash_costs_only_the_damaged_chunks(
     served: ServerThread,
     tmp_path_factory: pytest.TempPathFactory,
     first_cut: int,
-    damage: tuple[str, float | int],
+    damages: list[tuple[str, Any]],
 ) -> None:
-    """A partial is a map of chunks: the next run fetches exactly the chunks that no
-    longer match (and the part never fetched), each hole with one Range request, and
-    keeps every good chunk after a bad one."""
+    """A partial is a map of chunks: for any set of damaged chunks, the next run fetches
+    exactly the chunks that no longer match or lost their record (and the part never
+    fetched), each hole with one Range request, and keeps every good chunk around them;
+    the blob completes byte-identical and nothing wrong is committed."""
     root = tmp_path_factory.mktemp("root")
     out = root / "out.bin"
     srv = served.server
@@ -171,34 +215,15 @@ def test_damage_after_a_crash_costs_only_the_damaged_chunks(
     assert first.error is not None and not out.exists()
     partial = root / "ingest" / ("sha256-" + digest[7:])
     assert partial.stat().st_size == first_cut  # a clean stop keeps every byte
-
-    kind, amount = damage
+    lost_records: set[int] = set()
+    for kind, amount in damages:
+        if kind == "db-lose-record":
+            lost_records.add(int(partial.stat().st_size / CS * float(amount)))
+        _damage(root, partial, digest, kind, amount)
     size = first_cut
-    if kind == "truncate":
-        os.truncate(partial, int(size * float(amount)))
-    elif kind == "zero-tail":
-        at = int(size * float(amount))
-        with open(partial, "r+b") as f:
-            f.seek(at)
-            f.write(b"\0" * (size - at))
-    elif kind == "flip":
-        at = min(size - 1, int(size * float(amount)))
-        with open(partial, "r+b") as f:
-            f.seek(at)
-            byte = f.read(1)
-            f.seek(at)
-            f.write(bytes([byte[0] ^ 0xFF]))
-    elif kind == "longer":
-        with open(partial, "ab") as f:
-            f.write(os.urandom(int(amount)))
-    else:
-        conn = sqlite3.connect(root / "state.db")
-        conn.execute("UPDATE transfers SET offset = ? WHERE key = ?", (size + int(amount), digest))
-        conn.commit()
-        conn.close()
     # The oracle: a chunk the first run wrote survives iff its bytes are still the blob's.
     on_disk = partial.read_bytes()
-    holes = _holes_of(on_disk, data, size)
+    holes = _holes_of(on_disk, data, size, lost_records)
 
     n_requests = len(srv.requests)
     srv.script = []
@@ -214,13 +239,15 @@ def test_damage_after_a_crash_costs_only_the_damaged_chunks(
     assert sum(r.body_bytes for r in srv.requests[n_requests:]) == needed
 
 
-def _holes_of(on_disk: bytes, data: bytes, written: int) -> list[tuple[int, int]]:
+def _holes_of(on_disk: bytes, data: bytes, written: int, lost: set[int]) -> list[tuple[int, int]]:
     """The byte ranges to fetch again: chunks of the first ``written`` bytes that differ
-    from ``data`` (or are cut short), then everything from ``written`` on, merged."""
+    from ``data`` (or are cut short) or whose record is ``lost``, then everything from
+    ``written`` on, merged."""
     spans = [
         (start, min(start + CS, SIZE))
         for start in range(0, written, CS)
-        if on_disk[start : min(start + CS, written)] != data[start : min(start + CS, written)]
+        if start // CS in lost
+        or on_disk[start : min(start + CS, written)] != data[start : min(start + CS, written)]
     ]
     spans.append((written, SIZE))
     merged: list[tuple[int, int]] = []
