@@ -520,9 +520,14 @@ def render(data: dict[str, Any]) -> str:
         "- **Wire:** the proxy's `bytes_down` (the rate-limited link, HTTP headers included) "
         "over all lives ÷ blob size; the same without what the proxy still wrote after each "
         "SIGKILL into the dead socket; nginx `$body_bytes_sent` from its access log ÷ blob "
-        "size (this counts what the proxy and the kernel had buffered ahead of the link at "
-        "each kill, ~10 MiB a kill); resumer's own `SUM(attempts.wire_bytes)` in state.db ÷ "
-        "blob size.",
+        "size (this also counts what the proxy and the kernels had buffered ahead of the link "
+        "when a life was killed); resumer's own `SUM(attempts.wire_bytes)` in state.db ÷ "
+        "blob size (a killed attempt is never ended: its row keeps wire_bytes 0).",
+        "- **Tools:** `resumer fetch URL --digest … -o … --root …` (1 MiB chunks); `aria2c -c` "
+        "with its defaults (the .aria2 control file is written at the start and then every "
+        "60 s); with `--auto-save-interval=0` (no control file: `-c` resumes from the file's "
+        "length); and that with `--checksum=sha-256=…` (a whole-file check at the end). "
+        "Each restarted with the same command.",
         f"- **Goal:** proxy wire / blob ≤ 1 + ({data['kills']} kills + 1 torn chunk) × "
         f"{data['chunk_bytes'] // MiB} MiB / blob = {goal:.3f}. Correct = sha256 of the "
         "output equals the blob's (resumer must be, or the benchmark fails; a peer's is "
