@@ -437,7 +437,8 @@ def summarise(
             "wire_ratio": _stats([x["wire_ratio"] for x in rows]),
             "wire_to_kills_ratio": _stats([x["wire_to_kills_ratio"] for x in rows]),
             "nginx_ratio": _stats([x["nginx_ratio"] for x in rows]),
-            "goal_met": sum(x["completed"] and x["wire_ratio"] <= goal for x in rows),
+            # a wrong output is no success, whatever it cost
+            "goal_met": sum(x["correct"] and x["wire_ratio"] <= goal for x in rows),
         }
         att = [x["attempts_wire_ratio"] for x in rows if x["attempts_wire_ratio"] is not None]
         d["attempts_wire_ratio"] = _stats(att) if att else None
@@ -559,7 +560,7 @@ def render(data: dict[str, Any]) -> str:
                 "output correct",
                 "lives",
                 "wire / blob (proxy)",
-                f"≤ goal {goal:.3f}",
+                f"correct and ≤ goal {goal:.3f}",
                 "wire / blob, bytes after a SIGKILL left out",
                 "nginx body bytes / blob",
                 "attempts table / blob",
