@@ -4,7 +4,7 @@
     python -m benchmarks fetch                   # one
     python -m benchmarks fetch --rounds 3 --size 64MiB   # one, options passed through
 
-Adding a benchmark (e.g. ``pull``, ``cuts``, ``power``, ``links``):
+Adding a benchmark (e.g. ``pull``, ``cuts``, ``power``, ``links``, ``tear``):
 
 1. Create ``benchmarks/NAME.py`` with ``def main(argv: list[str]) -> int``. It parses its
    own options from ``argv`` (argparse with ``prog="python -m benchmarks NAME"``), keeps
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "cuts": "benchmarks.cuts",
     "power": "benchmarks.power",
     "links": "benchmarks.links",
+    "tear": "benchmarks.tear",
     # last: gathers the reports above into results/SUMMARY.md
     "summary": "benchmarks.summary",
 }

@@ -651,3 +651,47 @@ def run_bounded(
         out, err = proc.communicate()
         code = None
     return Bounded(code, time.perf_counter() - t0, out, err.strip()[-600:])
+
+
+# --------------------------------------------------------------------------- live proxy
+# Added for issue 9 (the tear benchmark); nothing above was changed.
+
+
+class LiveProxy:
+    """``resumer.lab.proxy.FaultProxy`` on an event loop of its own in a daemon thread.
+
+    Unlike ``ProxyProcess``, its counters can be read while a tool runs: ``bytes_down``
+    (server→client bytes handed to the client's socket) is what lets a benchmark SIGKILL
+    a tool at a byte offset rather than after a guessed time. An int read across threads
+    is safe under the GIL; the proxy's loop is the only writer.
+    """
+
+    def __init__(self, target_port: int, seed: int, *, rate: float | None = None) -> None:
+        import asyncio
+        import threading
+
+        from resumer.lab.proxy import FaultProxy, Faults
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.proxy = FaultProxy("127.0.0.1", target_port, Faults(rate=rate), seed=seed)
+        fut = asyncio.run_coroutine_threadsafe(self.proxy.start(), self._loop)
+        self.port: int = fut.result(timeout=15)
+        self.counters: dict[str, int] = {}
+
+    @property
+    def bytes_down(self) -> int:
+        return self.proxy.counters.bytes_down
+
+    def stop(self) -> dict[str, int]:
+        """Close the proxy, stop its loop and thread; return the final counters."""
+        import asyncio
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(timeout=30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
+            self.counters = self.proxy.stats()
+        return self.counters

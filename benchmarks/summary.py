@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from benchmarks import common
 
-ORDER = ("fetch", "pull", "cuts", "power", "power_cut_fs", "links")
+ORDER = ("fetch", "pull", "cuts", "power", "power_cut_fs", "links", "tear")
 #: the command of a results file that is not its own benchmark's name
 COMMAND = {"power_cut_fs": "power --scenario powercut"}
 SKIP = ("## Every run", "## Where resumer's time goes")
