@@ -159,9 +159,16 @@ async def attempt(
     stall: StallPolicy,
     clock: Clock,
     on_bytes: _Progress | None = None,
+    out: Outcome | None = None,
 ) -> Outcome:
-    """One request/response cycle. Never raises for transfer problems: see ``Outcome.error``."""
-    out = Outcome(host=endpoint.host or urlsplit(endpoint.url).netloc, start_offset=sink.offset)
+    """One attempt. Never raises for transfer problems: see ``Outcome.error``.
+
+    ``out``, if given, is filled as the bytes arrive (the caller may read it meanwhile).
+    """
+    if out is None:
+        out = Outcome(host=endpoint.host or urlsplit(endpoint.url).netloc)
+    out.host = out.host or endpoint.host or urlsplit(endpoint.url).netloc
+    out.start_offset = sink.offset
     watchdog = _Watchdog(stall)
     body = asyncio.create_task(
         _attempt(session, endpoint, sink, out, size, validator, watchdog, clock, on_bytes)

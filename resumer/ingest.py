@@ -43,7 +43,7 @@ from .config import Config
 from .digest import to_signed
 from .errors import DigestMismatchError, DiskFullError, StoreError, TransferError, disk_error
 from .layout import Layout, fsync_dir, make_dirs
-from .store import Store, TransferState
+from .store import AttemptTally, Store, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,9 @@ class Partial:
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
         self._committed = False
+        #: the open attempt's (id, wire bytes, kept bytes, held) so far, booked with each
+        #: chunk record: an attempt the process dies in still says what it moved
+        self.tally: Callable[[], AttemptTally] | None = None
         #: readers of the growing partial, woken when more is written (or it ends)
         self._growth: list[asyncio.Future[None]] = []
         self._generation = 0  # bumped when the content is thrown away (reset)
@@ -732,7 +735,8 @@ class Partial:
                 chunks = chunks + nxt[0]
                 durable = nxt[1] if nxt[1] is not None else durable
             try:
-                await self._store.checkpoint(self.key, chunks, durable)
+                tally = self.tally() if self.tally is not None else None
+                await self._store.checkpoint(self.key, chunks, durable, tally)
             except StoreError as exc:
                 self._fail(exc)
                 self._pump()

@@ -39,6 +39,10 @@ class TransferState(enum.StrEnum):
     FAILED = "failed"  # the last run gave up; the partial is kept for the next run
 
 
+#: an open attempt's (id, wire bytes, kept bytes, bytes held) so far
+AttemptTally = tuple[int, int, int, int]
+
+
 @dataclass(frozen=True)
 class TransferRow:
     key: str
@@ -320,11 +324,22 @@ class Store:
         key: str,
         chunks: Sequence[tuple[int, int, int | None]],
         durable: int | None,
+        tally: AttemptTally | None = None,
     ) -> None:
-        """Record (idx, xxh3, length) chunk hashes; advance the durable offset once synced."""
+        """Record (idx, xxh3, length) chunk hashes; advance the durable offset once synced.
+
+        ``tally`` books the open attempt's bytes so far in the same transaction, so a
+        process killed mid-attempt leaves a row that says what that attempt moved.
+        """
         now = self.clock.time()
 
         def tx(c: sqlite3.Connection) -> None:
+            if tally is not None:
+                c.execute(
+                    "UPDATE attempts SET wire_bytes = ?, kept_bytes = ?, end_offset = ?"
+                    " WHERE id = ? AND ended IS NULL",
+                    (tally[1], tally[2], tally[3], tally[0]),
+                )
             if chunks:
                 c.executemany(
                     "INSERT OR REPLACE INTO chunks (key, idx, xxh3, length) VALUES (?, ?, ?, ?)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .errors import (
     UnauthorizedError,
 )
 from .events import Event, Stats, Status, ignore
-from .fetch import StallPolicy, attempt
+from .fetch import Outcome, StallPolicy, attempt
 from .ingest import Ingest, Partial
 from .retry import AttemptBudget, LinearDelay, countdown, should_retry
 from .source import Endpoint, Source
@@ -156,6 +157,8 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 pull_id=pull_id,
             )
             open_attempt = (attempt_id, start)
+            out = Outcome(host=endpoint.host)
+            partial.tally = functools.partial(_tally, attempt_id, out, partial)
             out = await attempt(
                 ctx.session,
                 endpoint,
@@ -166,8 +169,10 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
                 stall=stall,
                 clock=clock,
                 on_bytes=on_bytes,
+                out=out,
             )
             await partial.flush()
+            partial.tally = None
             err: TransferError | None = out.error
             if out.restarted:
                 out.discard(start, "partial-discarded")
@@ -233,6 +238,10 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
             keep = asyncio.ensure_future(_keep_partial(store, partial, req.key, exc, open_attempt))
             await _wait_through_cancels(keep)
         raise
+
+
+def _tally(attempt_id: int, out: Outcome, partial: Partial) -> tuple[int, int, int, int]:
+    return (attempt_id, out.wire_bytes, out.kept_bytes, partial.held)
 
 
 async def _wait_through_cancels(fut: asyncio.Future[None]) -> None:

@@ -24,6 +24,10 @@ from resumer.config import Config
 
 CS = 16 * 1024  # small chunks so small blobs cross many chunk and checkpoint boundaries
 SIZE = 3_000_000
+#: what one death may cost: the batch being gathered, the two handed to the writer
+#: thread, one written whose record had not reached SQLite (each up to a chunk plus one
+#: network read; asyncio reads at most 256 KiB at once), and the unfinished chunk
+PER_KILL = 4 * CS + 4 * 256 * 1024
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -110,16 +114,41 @@ def test_cuts_stalls_and_kills_end_byte_identical_with_bounded_loss(
         arrived += outcome.result.stats.wire_bytes
         break
     assert out.read_bytes() == data
-    # Bytes that arrived may exceed the blob only by what each death had not yet recorded:
-    # the batch being gathered, the two handed to the writer thread, one written whose
-    # record had not reached SQLite (each up to a chunk plus one network read; asyncio
-    # reads at most 256 KiB at once), and the unfinished chunk. The server's own count
-    # also includes bytes that sat in loopback socket buffers and never arrived, so it is
-    # not the measure here.
-    per_kill = 4 * CS + 4 * 256 * 1024
-    assert all(0 <= x <= per_kill for x in lost), lost
+    # Bytes that arrived may exceed the blob only by what each death had not yet recorded
+    # (PER_KILL). The server's own count also includes bytes that sat in loopback socket
+    # buffers and never arrived, so it is not the measure here.
+    assert all(0 <= x <= PER_KILL for x in lost), lost
     assert arrived == SIZE + sum(lost), (arrived, lost)
     assert not (root / "ingest" / ("sha256-" + digest[7:])).exists()
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(kill_at=st.integers(SIZE // 2, SIZE - 1))
+def test_an_attempt_the_process_dies_in_still_says_what_it_moved(
+    served: ServerThread, tmp_path_factory: pytest.TempPathFactory, kill_at: int
+) -> None:
+    """Every wire byte accounted for, even by a process that was killed: the open
+    attempt's bytes are booked with each chunk record, in the same transaction."""
+    root = tmp_path_factory.mktemp("root")
+    served.server.script = []
+    digest = served.server.digest("blob")
+    outcome = run_fetch(root, f"{served.url}/blob", digest, config(), kill_at=kill_at)
+    assert outcome.killed
+    with contextlib.closing(sqlite3.connect(root / "state.db")) as conn:
+        ended, wire, kept, end_offset = conn.execute(
+            "SELECT ended, wire_bytes, kept_bytes, end_offset FROM attempts WHERE attempt_no > 0"
+        ).fetchone()
+        recorded = sum(
+            length or CS
+            for (length,) in conn.execute("SELECT length FROM chunks WHERE key = ?", (digest,))
+        )
+    assert ended is None  # nobody ended it: the process died
+    assert recorded >= outcome.killed_at - PER_KILL > 0  # the loss bound of the test above
+    # Booked with the last records: at least their bytes, and never more than arrived.
+    assert recorded <= kept <= wire <= outcome.killed_at
+    assert kept <= end_offset <= outcome.killed_at
 
 
 def _resume_offset_after_reopen(root: Path, digest: str) -> int:
