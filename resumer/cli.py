@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the verified blob appears: a new or regular file, replaced atomically "
         "(temp file, fsync, rename); a device, FIFO, socket or directory is refused, and so "
         "is a symbolic link (pass its target path instead). '-' writes the blob to stdout "
-        "once verified, with progress on stderr (./- names a file called -)",
+        "once verified, with progress on stderr (./- names a file called -). FILE is a "
+        "copy (a reflink where the file system can): the blob also stays in the root's "
+        "store, so fetching it again moves no byte",
     )
     _common(f)
 
