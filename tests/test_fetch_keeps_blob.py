@@ -14,11 +14,13 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import NginxFactory, PushImage
+from test_powercut_properties import assert_nothing_unverified_visible, run_life
 from test_pull_real import (
     assert_readable,
     cli_env,
@@ -33,6 +35,7 @@ from resumer.errors import StoreError
 from resumer.events import Event, Status
 from resumer.gc import prune_blobs
 from resumer.lab.images import LayerSpec, build_image
+from resumer.lab.powercut import PowerCutFS, unavailable_reason
 from resumer.store import TransferState
 
 MiB = 1 << 20
@@ -197,6 +200,46 @@ def test_fetch_o_dash_streams_the_blob_and_keeps_it(
     assert again.returncode == 0, again.stderr.decode()
     assert again.stdout == data
     assert stats_of(again.stderr)["wire_bytes"] == 0
+
+
+@pytest.fixture
+def cut_fs(tmp_path: Path) -> Iterator[PowerCutFS]:
+    """A power-cut file system (``resumer.lab.powercut``), mounted."""
+    if unavailable_reason() is not None:
+        pytest.skip(str(unavailable_reason()))
+    for d in ("backing", "mnt"):
+        (tmp_path / d).mkdir()
+    fs = PowerCutFS(tmp_path / "backing", tmp_path / "mnt")
+    fs.mount()
+    try:
+        yield fs
+    finally:
+        fs.close()
+
+
+def test_a_power_cut_right_after_fetch_o_keeps_the_blob_and_the_next_fetch_moves_no_byte(
+    cut_fs: PowerCutFS, nginx_factory: NginxFactory, tmp_path: Path
+) -> None:
+    """The issue's case: the blob is durable in the store when fetch returns, so after a
+    cut (everything unsynced dropped, on the power-cut file system) nothing moves again."""
+    data = os.urandom(6 * MiB)
+    digest = sha256(data)
+    url = serve_blob(nginx_factory, tmp_path, data)
+    fs = cut_fs
+    root, out = fs.mountpoint / "root", fs.mountpoint / "out.bin"
+    argv = ["fetch", url, "--digest", digest, "-o", str(out), "--root", str(root)]
+    done = run_life(argv, fs, None)
+    assert done.returncode == 0, done.stderr
+    assert done.stats["wire_bytes"] == len(data)
+    fs.cut()
+    fs.mount()
+    assert out.read_bytes() == data
+    assert blob_in(root, digest).read_bytes() == data
+    assert_nothing_unverified_visible(root, out, digest)
+    again = run_life(argv, fs, None)
+    assert again.returncode == 0, again.stderr
+    assert again.stats["wire_bytes"] == 0
+    assert out.read_bytes() == data
 
 
 # ------------------------------------------------------------ prune: what fetch alone needed
