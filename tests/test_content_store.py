@@ -300,6 +300,7 @@ async def test_a_failed_import_leaves_no_temp_file(
 async def test_readers_and_removal(store: ContentStore) -> None:
     a, b = await store.commit_bytes(b"a"), await store.commit_bytes(b"b")
     (store.dir / ".x.tmp").write_bytes(b"in progress")
+    (store.dir / "README").write_bytes(b"put there by hand: no digest, no blob")
     assert sorted(d for d, _ in store.blobs()) == sorted([a, b])
     with pytest.raises(StoreError, match=sha256(b"c")):
         store.open_blob(sha256(b"c"))

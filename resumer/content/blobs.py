@@ -31,6 +31,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
@@ -45,6 +46,7 @@ T = TypeVar("T")
 #: Temp files older than this are debris from a crash, not a write in progress.
 STALE_TMP_SECONDS = 3600.0
 TMP_SUFFIX = ".tmp"
+_HEX = re.compile(r"[0-9a-f]{64}")
 _COPY_CHUNK = 1 << 20
 
 #: ``ioctl(dst, FICLONE, src)``: share src's extents (btrfs, XFS, bcachefs, OCFS2 …).
@@ -278,11 +280,12 @@ class ContentStore:
             raise disk_error(f"cannot read blob {digest} in {self.dir}", exc) from exc
 
     def blobs(self) -> list[tuple[str, os.stat_result]]:
-        """(digest, stat) of every committed blob; temp files are not blobs."""
+        """(digest, stat) of every committed blob; temp files and files whose name is no
+        digest (put there by hand) are not blobs."""
         out = []
         with contextlib.suppress(FileNotFoundError), os.scandir(self.dir) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                if not _HEX.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     out.append(("sha256:" + entry.name, entry.stat(follow_symlinks=False)))
