@@ -15,6 +15,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the verified blob appears: a new or regular file, replaced atomically "
         "(temp file, fsync, rename); a device, FIFO, socket or directory is refused, and so "
         "is a symbolic link (pass its target path instead). '-' writes the blob to stdout "
-        "once verified, with progress on stderr (./- names a file called -)",
+        "once verified, with progress on stderr (./- names a file called -). FILE is a "
+        "copy (a reflink where the file system can): the blob also stays in the root's "
+        "store, so fetching it again moves no byte",
     )
     _common(f)
 
@@ -124,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("pulls", nargs="+", metavar="PULL", help="an id from `resumer ls`, or IMAGE")
     _common(rm, transfer=False)
 
-    pr = sub.add_parser("prune", help="delete the partials kept aside for lack of a record")
+    pr = sub.add_parser(
+        "prune",
+        help="delete the partials kept aside for lack of a record, and the stored blobs "
+        "that no image in the root and no stored pull needs (what fetch alone brought in)",
+    )
     _common(pr, transfer=False)
 
     rs = sub.add_parser(
@@ -368,11 +375,13 @@ async def _rm(args: argparse.Namespace, config: Config) -> int:
 
 async def _prune(args: argparse.Namespace, config: Config) -> int:
     from .engine import Engine
-    from .gc import prune_orphans
+    from .gc import prune_blobs, prune_orphans
     from .progress import format_bytes
 
+    started = time.time()  # a blob changed since is in use: prune_blobs keeps it
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
         removed = await prune_orphans(engine.ingest)
+        removed += await prune_blobs(engine.ingest, before=started)
     for name, size in removed:
         sys.stdout.write(f"Deleted {name} ({format_bytes(size)})\n")
     total = sum(size for _, size in removed)

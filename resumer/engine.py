@@ -24,6 +24,7 @@ import aiohttp
 
 from .clock import Clock, SystemClock
 from .config import Config
+from .content.blobs import copy_into, create_temp, fsync_dir, make_dirs
 from .digest import Digest
 from .errors import (
     OutputError,
@@ -36,7 +37,7 @@ from .events import ProgressCallback, Stats, ignore
 from .fetch import revalidate
 from .gc import collect_partials
 from .ingest import Ingest
-from .layout import Layout, create_temp, fsync_dir, make_dirs
+from .layout import Layout
 from .rootlock import RootLock
 from .source import UrlSource, check_url, redact_url
 from .store import Store, TransferState
@@ -249,9 +250,13 @@ class Engine:
 
         Before the first byte moves, the URL must be http(s) (``UrlError``) and ``dest``
         must pass ``check_output`` (``OutputError``). ``stream`` (stdout, say) receives
-        the verified blob instead of a path; the result's path is then ``-``. If the
-        verified blob cannot be published, it stays in the store and the error says how
-        to publish it without downloading it again.
+        the verified blob instead of a path; the result's path is then ``-``.
+
+        ``dest`` gets a copy (a reflink where it can) and ``stream`` a read of the blob:
+        either way the blob stays committed in the root's store, so a pull sharing its
+        transfer keeps it and the same fetch again moves no byte (``resumer prune``
+        removes the blobs no image or pull needs). If the output cannot be written, the
+        error says how to publish it without downloading it again.
         """
         check_url(url)
         if digest is not None:
@@ -275,11 +280,12 @@ class Engine:
             f"the verified blob is kept in {self.root} as {result.digest}: run again with "
             f"--digest {result.digest} to publish it without downloading it again"
         )
+        # The blob stays in the store whatever happens here: its transfer row says
+        # committed, a pull may share it, and the next fetch of it moves no byte.
         try:
             if dest is not None:
-                # A blob that was already in the store may be shared by images: copy it.
-                # One this fetch brought in is moved out, so a 1 GiB fetch costs no copy.
-                await asyncio.to_thread(publish, result.path, dest, move=not result.existed)
+                how = await asyncio.to_thread(publish, result.path, dest)
+                log.info("fetch %s: published to %s by %s", result.digest, dest, how)
             else:
                 assert stream is not None
                 await asyncio.to_thread(stream_blob, result.path, stream)
@@ -288,17 +294,13 @@ class Engine:
         except OSError as exc:
             where = dest if dest is not None else getattr(stream, "name", "the output stream")
             raise PublishError(f"cannot write {where}: {exc.strerror or exc}; {kept}") from exc
-        if stream is not None and not result.existed:
-            # Streamed out, like a file moved out: the store keeps no copy it did not have.
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(result.path.unlink)
         return FetchResult(
             dest or Path("-"), result.digest, result.size, result.stats, result.attempts
         )
 
     async def _kept(self, req: BlobRequest) -> BlobResult | None:
-        """A URL fetched before whose verified blob is still in the store (its publishing
-        failed, or an image holds the same content), if the server says it is unchanged."""
+        """A URL fetched before whose verified blob is still in the store (``fetch`` keeps
+        what it published, unless pruned since), if the server says it is unchanged."""
         row = await self.store.transfer(req.key)
         if (
             row is None
@@ -379,38 +381,35 @@ def check_output(dest: Path) -> None:
         probe.unlink()
 
 
-def publish(blob: Path, dest: Path, *, move: bool) -> None:
-    """Make a verified blob appear at ``dest`` atomically: rename, else copy then rename.
+def publish(blob: Path, dest: Path) -> str:
+    """Make a copy of a verified blob appear at ``dest`` atomically; how it was copied.
+
+    A copy, never a move: the blob stays in the content store, where its transfer row
+    and any pull sharing it expect it. Never a hardlink either: a user editing ``dest``
+    would silently corrupt the store. The copy is a reflink where the file system can
+    (``copy_into``), so a 1 GiB fetch on btrfs or XFS still costs no data copy.
 
     Only ever a regular file is replaced (checked again here: ``OutputError``), by a
-    rename of a complete, fsynced file in the same directory, then an fsync of that
-    directory. On any failure the blob is left where it was.
+    rename of a complete, fsynced temp file in the same directory, then an fsync of that
+    directory. On any failure the temp file is removed and ``dest`` is left as it was.
     """
     dest = dest.absolute()
     _check_kind(dest)
-    if move:
+    fd, tmp = create_temp(dest.parent, f".{dest.name}.", ".resumer-tmp")
+    try:
         try:
-            os.replace(blob, dest)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            move = False  # another file system: copy
-    if not move:
-        # Never hardlink: a user editing dest would silently corrupt the content store.
-        fd, tmp = create_temp(dest.parent, f".{dest.name}.", ".resumer-tmp")
-        try:
-            try:
-                with open(blob, "rb") as src:
-                    _copy_fd(src.fileno(), fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+            with open(blob, "rb") as src:
+                how = copy_into(src.fileno(), fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(dest.parent)
+    return how
 
 
 def stream_blob(blob: Path, out: BinaryIO) -> None:

@@ -11,20 +11,23 @@ Runs when an engine opens, before any transfer starts, so no partial is in use:
 - while partials and orphans together exceed ``partial-budget-bytes``, the least valuable
   go first: orphans, then partials of no unfinished pull, each oldest first.
 
-``prune_orphans`` removes the orphans on request (``resumer prune``). Every removal and
-every move is logged with its reason.
+``prune_orphans`` removes the orphans on request (``resumer prune``), and so does
+``prune_blobs`` with the committed blobs nothing needs: the content store never gives a
+blob away (``fetch -o`` publishes a copy), so without it a root that only fetches would
+grow for ever. Every removal and every move is logged with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ingest import Ingest
-from .layout import fsync_dir, make_dirs
+from .layout import Layout, fsync_dir, make_dirs
 from .store import TransferState
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,80 @@ async def prune_orphans(ingest: Ingest) -> list[tuple[str, int]]:
     if removed:
         await asyncio.to_thread(fsync_dir, orphans_dir(ingest))
     return removed
+
+
+async def prune_blobs(ingest: Ingest, *, before: float) -> list[tuple[str, int]]:
+    """Remove the root's committed blobs that nothing needs; returns (digest, bytes).
+
+    Needed, so kept: every blob reachable from an image in the root's ``index.json``
+    (its manifests, configs and layers) or from a stored pull of any state (its manifest
+    and layers: ``resume`` and "Already exists" count on them), and every blob created
+    or linked at or after ``before`` (the start of the run: one still being written by
+    a pull into this root as its ``--dest``). What goes is what ``fetch`` alone brought
+    in, and what ``rm`` let go. A corrupt ``index.json`` raises ``StoreError`` before
+    anything is removed: what it references cannot be known.
+    """
+    layout, content = ingest.layout, ingest.layout.content
+    pinned = await _pinned(ingest)
+    needed = await asyncio.to_thread(_reachable, layout, pinned)
+    doomed = [
+        (digest, st.st_size)
+        for digest, st in await asyncio.to_thread(content.blobs)
+        if digest not in needed and max(st.st_mtime, st.st_ctime) < before
+    ]
+    await content.remove(digest for digest, _ in doomed)
+    for digest, size in doomed:
+        log.warning("prune: removed blob %s (%d bytes): no image or pull needs it", digest, size)
+    return doomed
+
+
+async def _pinned(ingest: Ingest) -> set[str]:
+    """Manifest digests the root's images and stored pulls start from, and pull layers."""
+    images = await asyncio.to_thread(ingest.layout.images)
+    rows = await ingest.store.read(
+        "SELECT manifest_digest FROM pulls WHERE manifest_digest IS NOT NULL"
+        " UNION SELECT digest FROM pull_layers"
+    )
+    return {e.digest for e in images} | {r[0] for r in rows}
+
+
+def _reachable(layout: Layout, roots: set[str]) -> set[str]:
+    """``roots`` and every blob their manifests (and indexes, recursively) reference."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        digest = todo.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        todo.extend(_references(layout, digest))
+    return seen
+
+
+#: larger than any manifest: a blob this big is a layer, not parsed
+_MAX_MANIFEST = 4 << 20
+
+
+def _references(layout: Layout, digest: str) -> list[str]:
+    """What the blob ``digest`` references, if it is a manifest or index here."""
+    path = layout.blob_path(digest)
+    try:
+        if path.stat().st_size > _MAX_MANIFEST:
+            return []
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return []  # not here, or a layer: it references nothing
+    if not isinstance(doc, dict):
+        return []
+    described = [doc.get("config"), doc.get("subject")]
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(doc.get(key), list):
+            described.extend(doc[key])
+    return [d["digest"] for d in described if isinstance(d, dict) and _is_digest(d.get("digest"))]
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("sha256:") and len(value) == 71
 
 
 def _keep_aside(ingest: Ingest, paths: list[Path]) -> None:

@@ -6,39 +6,42 @@ layout and its blobs; each image is one entry of ``index.json`` named by the
 ``org.opencontainers.image.ref.name`` annotation (the tag), with the full reference in
 ``io.containerd.image.name``.
 
-Durability, as in the ingest store's commit: a blob or index becomes visible only by an
-atomic rename of a complete, fsynced temp file in the same directory, followed by an
-fsync of that directory. Readers therefore see the old file or the new one, never a torn
-one. Temp files start with ``.`` and end with ``.tmp``; readers never look at them, and
-``ensure()`` removes the ones a crash left behind long ago.
+``Layout`` owns ``oci-layout``, ``index.json`` and the names in it. It writes no blob
+itself: ``layout.content`` (a ``ContentStore``, ``resumer/content/blobs.py``) is the one
+door into ``blobs/``, for the root's own blobs and for a ``--dest`` layout alike.
+
+Durability, as in the content store's commit: index.json changes only by an atomic rename
+of a complete, fsynced temp file in the same directory, followed by an fsync of that
+directory. Readers therefore see the old file or the new one, never a torn one. Temp
+files start with ``.`` and end with ``.tmp``; readers never look at them, and ``ensure()``
+removes the ones a crash left behind long ago.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import hashlib
 import json
-import os
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .content.blobs import (
+    STALE_TMP_SECONDS,
+    ContentStore,
+    create_temp,
+    fsync_dir,
+    make_dirs,
+    remove_stale_temps,
+    write_atomic,
+)
 from .digest import Digest
-from .errors import DigestMismatchError, StoreError, disk_error
+from .errors import StoreError, disk_error
 
 LAYOUT_VERSION = "1.0.0"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 IMAGE_NAME = "io.containerd.image.name"
-
-#: Temp files older than this are debris from a crash, not a write in progress.
-STALE_TMP_SECONDS = 3600.0
-_TMP_SUFFIX = ".tmp"
-_COPY_CHUNK = 1 << 20
 
 # One lock per (event loop, layout directory): two Layout objects on the same path must
 # still serialise their index.json updates, and an asyncio.Lock must not cross loops.
@@ -50,68 +53,6 @@ _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.
 def _index_lock(path: Path) -> asyncio.Lock:
     per_loop = _LOCKS.setdefault(asyncio.get_running_loop(), {})
     return per_loop.setdefault(path, asyncio.Lock())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs(path: Path) -> None:
-    """``mkdir -p`` whose new directories survive a power cut: each new one's parent is
-    fsynced (a file later synced inside an unsynced directory is lost with it)."""
-    missing: list[Path] = []
-    p = path
-    while not p.is_dir():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(0o777)
-        except FileExistsError:
-            if not d.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(d)) from None
-        fsync_dir(d.parent)
-
-
-def create_temp(directory: Path, prefix: str, suffix: str = _TMP_SUFFIX) -> tuple[int, Path]:
-    """A new file ``directory/PREFIX<random>SUFFIX`` open for writing, like ``mkstemp``
-    but with the mode ``open()`` gives (0o666 & ~umask, so 0644 for umask 022), not 0600:
-    what is renamed into a layout must be readable by another user's skopeo or podman."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    for _ in range(100):
-        path = directory / f"{prefix}{os.urandom(6).hex()}{suffix}"
-        try:
-            return os.open(path, flags, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(directory))
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    """Temp file in dest's directory, fsync, rename over dest, fsync the directory."""
-    fd, tmp = create_temp(dest.parent, f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
-
-
-def _write_blob(dest: Path, data: bytes) -> None:
-    if not dest.exists():  # content-addressed: an existing blob is this very content
-        _write_atomic(dest, data)
 
 
 @dataclass(frozen=True)
@@ -134,6 +75,8 @@ class Layout:
         self.blobs_dir = self.path / "blobs" / "sha256"
         self.index_path = self.path / "index.json"
         self.oci_layout_path = self.path / "oci-layout"
+        #: the one door into blobs/: every blob written here goes through it
+        self.content = ContentStore(self.blobs_dir)
 
     def __repr__(self) -> str:
         return f"Layout({str(self.path)!r})"
@@ -147,103 +90,34 @@ class Layout:
         ``await asyncio.to_thread(layout.ensure)``.
         """
         try:
-            make_dirs(self.blobs_dir)
+            self.content.ensure()  # blobs/sha256/, and the layout directory above it
             if not self.oci_layout_path.exists():
-                _write_atomic(
+                write_atomic(
                     self.oci_layout_path,
                     json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode(),
                 )
             if not self.index_path.exists():
-                _write_atomic(self.index_path, _dump_index(_empty_index()))
-            self._remove_stale_tmp(self.path)
-            self._remove_stale_tmp(self.blobs_dir)
+                write_atomic(self.index_path, _dump_index(_empty_index()))
+            remove_stale_temps(self.path)
         except OSError as exc:
             raise disk_error(f"cannot create OCI layout at {self.path}", exc) from exc
 
-    def _remove_stale_tmp(self, directory: Path, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        for p in directory.glob(f".*{_TMP_SUFFIX}"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
-                    p.unlink()
-
-    # ------------------------------------------------------------------ blobs
+    # ------------------------------------------------------------------ blobs: the store's
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob lives; the digest is validated, so no path escapes the layout."""
-        return self.blobs_dir / Digest.parse(digest).hex
+        return self.content.path(digest)
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
-        try:
-            st = self.blob_path(digest).stat()
-        except FileNotFoundError:
-            return False
-        return size is None or st.st_size == size
+        return self.content.has(digest, size)
 
     async def add_blob_bytes(self, data: bytes, digest: str | None = None) -> str:
-        """Store a small blob (config, manifest); verify ``digest`` if given; return it."""
-        actual = Digest.of(data)
-        if digest is not None and Digest.parse(digest) != actual:
-            raise DigestMismatchError(
-                f"blob {digest}: content hashes to {actual}, refusing to store it",
-                resumed=False,
-            )
-        dest = self.blob_path(str(actual))
-        try:
-            await asyncio.to_thread(_write_blob, dest, data)
-        except OSError as exc:
-            raise disk_error(f"cannot write blob {actual} to {self.blobs_dir}", exc) from exc
-        return str(actual)
+        """``content.commit_bytes``: a config or manifest, verified, committed."""
+        return await self.content.commit_bytes(data, digest)
 
     async def link_blob_from(self, src: Path, digest: str) -> Path:
-        """Make the committed blob ``src`` visible here as ``digest``.
-
-        ``src`` must be a committed (verified) blob. On the same filesystem it is
-        hardlinked, which costs no copy. Across filesystems it is copied through a temp
-        file and hashed on the way, since a copy is a new chance for corruption.
-        """
-        dest = self.blob_path(digest)
-        try:
-            await asyncio.to_thread(self._link_or_copy, Path(src), dest, digest)
-        except OSError as exc:
-            raise disk_error(f"cannot add blob {digest} from {src} to {self.path}", exc) from exc
-        return dest
-
-    def _link_or_copy(self, src: Path, dest: Path, digest: str) -> None:
-        try:
-            os.link(src, dest)
-        except FileExistsError:
-            return  # renamed in only when complete, so an existing blob is whole
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            self._copy_verified(src, dest, digest)
-            return
-        fsync_dir(dest.parent)
-
-    def _copy_verified(self, src: Path, dest: Path, digest: str) -> None:
-        if dest.exists():
-            return
-        want = Digest.parse(digest)
-        h = hashlib.sha256()
-        fd, tmp = create_temp(dest.parent, f".{want.hex}.")
-        try:
-            with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
-                while block := fin.read(_COPY_CHUNK):
-                    h.update(block)
-                    fout.write(block)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if h.hexdigest() != want.hex:
-                raise DigestMismatchError(
-                    f"blob {digest}: copy of {src} hashes to sha256:{h.hexdigest()}",
-                    resumed=False,
-                )
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(dest.parent)
+        """``content.import_verified``: another store's committed blob, linked or copied."""
+        return await self.content.import_verified(src, digest)
 
     # ------------------------------------------------------------------ index
 
@@ -308,7 +182,7 @@ class Layout:
         manifests.append(entry)
         index["manifests"] = manifests
         try:
-            _write_atomic(self.index_path, _dump_index(index))
+            write_atomic(self.index_path, _dump_index(index))
         except OSError as exc:
             raise disk_error(f"cannot write {self.index_path}", exc) from exc
 
@@ -367,4 +241,13 @@ def _check_descriptor(descriptor: Any) -> dict[str, Any]:
     return dict(descriptor)
 
 
-__all__ = ["IMAGE_NAME", "REF_NAME", "ImageEntry", "Layout"]
+__all__ = [
+    "IMAGE_NAME",
+    "REF_NAME",
+    "STALE_TMP_SECONDS",
+    "ImageEntry",
+    "Layout",
+    "create_temp",
+    "fsync_dir",
+    "make_dirs",
+]

@@ -136,12 +136,13 @@ async def _write_layout(
     jobs: list[LayerJob],
     result: PullResult,
 ) -> None:
+    # Every blob enters dest through its content store (verified, synced, renamed in).
     if dest.path.resolve() != content.path.resolve():
         for job, blob in zip(jobs, result.blobs, strict=True):
-            if not dest.has_blob(job.digest, job.size):
-                await dest.link_blob_from(blob, job.digest)
-    await dest.add_blob_bytes(image.config, image.config_digest)
-    await dest.add_blob_bytes(image.manifest, image.manifest_digest)
+            if not dest.content.has(job.digest, job.size):
+                await dest.content.import_verified(blob, job.digest)
+    await dest.content.commit_bytes(image.config, image.config_digest)
+    await dest.content.commit_bytes(image.manifest, image.manifest_digest)
     descriptor: dict[str, Any] = {
         "mediaType": image.manifest_media_type,
         "digest": image.manifest_digest,
