@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resumer.ingest import key_filename
+from resumer.content.partial import key_filename
 
 from . import common
 from .common import MiB

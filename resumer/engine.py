@@ -25,6 +25,7 @@ import aiohttp
 from .clock import Clock, SystemClock
 from .config import Config
 from .content.blobs import copy_into, create_temp, fsync_dir, make_dirs
+from .content.partial import Ingest
 from .digest import Digest
 from .errors import (
     OutputError,
@@ -36,7 +37,6 @@ from .errors import (
 from .events import ProgressCallback, Stats, ignore
 from .fetch import revalidate
 from .gc import collect_partials
-from .ingest import Ingest
 from .layout import Layout
 from .rootlock import RootLock
 from .source import UrlSource, check_url, redact_url

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ingest import Ingest
+from .content.partial import Ingest
 from .layout import Layout, fsync_dir, make_dirs
 from .store import TransferState
 

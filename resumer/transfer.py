@@ -20,6 +20,7 @@ import aiohttp
 
 from .clock import Clock
 from .config import Config
+from .content.partial import Ingest, Partial
 from .errors import (
     AccessDeniedError,
     BudgetExhaustedError,
@@ -30,7 +31,6 @@ from .errors import (
 )
 from .events import Event, Stats, Status, ignore
 from .fetch import Outcome, StallPolicy, attempt
-from .ingest import Ingest, Partial
 from .retry import AttemptBudget, LinearDelay, countdown, should_retry
 from .source import Endpoint, Source
 from .store import Store, TransferState

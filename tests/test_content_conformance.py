@@ -23,10 +23,10 @@ import pytest
 import xxhash
 from test_helpers_core import CHUNK, make_blob, open_engine, sha256
 
+from resumer.content.partial import Partial
 from resumer.digest import to_signed
 from resumer.engine import Engine
 from resumer.errors import DigestMismatchError, TransferError
-from resumer.ingest import Partial
 from resumer.store import load_migrations
 
 SIZE = 10 * CHUNK + 1234  # a short last chunk

@@ -1,7 +1,10 @@
-"""Content: the one owner of ``blobs/`` (see ``blobs.py``).
+"""Content: the one owner of ``blobs/`` and of the partials under ``ingest/``.
 
-Partials (the chunk maps under ``ingest/``) live in ``resumer/ingest.py`` for now; once
-its ``Partial.commit`` calls ``ContentStore.commit_file``, every blob enters through here.
+- ``blobs.py``: committed blobs: the one commit (fsync, size and digest check, rename,
+  directory fsync), readers, copies out (reflink where the file system can).
+- ``partial.py``: partials as chunk maps: written at offsets, verified on reopen, holes
+  repaired, read while they grow; a finished one enters ``blobs/`` through
+  ``ContentStore.commit_file``.
 """
 
 from .blobs import ContentStore, copy_into

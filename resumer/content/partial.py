@@ -38,12 +38,12 @@ from typing import Any
 
 import xxhash
 
-from .clock import Clock
-from .config import Config
-from .digest import to_signed
-from .errors import DigestMismatchError, DiskFullError, StoreError, TransferError, disk_error
-from .layout import Layout, fsync_dir, make_dirs
-from .store import AttemptTally, Store, TransferState
+from ..clock import Clock
+from ..config import Config
+from ..digest import to_signed
+from ..errors import DigestMismatchError, DiskFullError, StoreError, TransferError, disk_error
+from ..layout import Layout, fsync_dir, make_dirs
+from ..store import AttemptTally, Store, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Ingest:
         self.dir = root / "ingest"
         # The root is an OCI image layout; commit renames into its blobs/sha256/.
         self.layout = Layout(root)
+        self.content = self.layout.content
         self.blobs = self.layout.blobs_dir
         self.store = store
         self.config = config
@@ -119,10 +120,10 @@ class Ingest:
         return max(share, self.config.chunk_size)
 
     def blob_path(self, digest: str) -> Path:
-        return self.layout.blob_path(digest)
+        return self.content.path(digest)
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
-        return self.layout.has_blob(digest, size)
+        return self.content.has(digest, size)
 
     def partial_path(self, key: str) -> Path:
         return self.dir / key_filename(key)
@@ -910,13 +911,14 @@ class Partial:
                 f"{self.key}: downloaded content has digest {digest}, expected {expected}",
                 resumed=resumed,
             )
-        dest = self.ingest.blob_path(expected)
-        loop = asyncio.get_running_loop()
-        fd, self._fd = self._fd, -1  # _commit_file closes it
+        fd, self._fd = self._fd, -1  # commit_file syncs and closes it, even on failure
         try:
-            await loop.run_in_executor(self._writer_pool, _commit_file, fd, self.path, dest)
-        except OSError as exc:
-            raise disk_error(f"cannot commit {expected} to {dest}", exc) from exc
+            dest = await self.ingest.content.commit_file(
+                fd, self.path, expected, self.size, executor=self._writer_pool
+            )
+        except DiskFullError:
+            self._store.disk_full = True
+            raise
         self._committed = True  # readers finish from the same inode, now the blob
         self._release()
         await self._store.finish_transfer(self.key, TransferState.COMMITTED, digest=expected)
@@ -1170,14 +1172,3 @@ def _open_partial(path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         fsync_dir(path.parent)
         return fd
-
-
-def _commit_file(fd: int, src: Path, dest: Path) -> None:
-    os.fdatasync(fd)
-    os.close(fd)
-    if dest.exists():
-        # Someone committed the same content first: containerd's "already exists" is success.
-        src.unlink(missing_ok=True)
-    else:
-        os.rename(src, dest)
-    fsync_dir(dest.parent)
