@@ -24,8 +24,9 @@ import aiohttp
 
 from .clock import Clock, SystemClock
 from .config import Config
-from .content.blobs import copy_into, create_temp, fsync_dir, make_dirs
+from .content.blobs import can_reflink, copy_into, create_temp, fsync_dir, make_dirs
 from .content.partial import Ingest
+from .content.tee import Tee
 from .digest import Digest
 from .errors import (
     OutputError,
@@ -269,9 +270,32 @@ class Engine:
         key = digest or url_key(url)
         req = BlobRequest(key, source, digest=digest)
         log.info("fetch %s -> %s", redact_url(url), key)
-        result = await self._kept(req) if digest is None else None
-        if result is None:
-            result = await self.transfers.fetch(req, on_progress)
+        tee = await self._tee(key, dest) if dest is not None else None
+        try:
+            result = await self._kept(req) if digest is None else None
+            if result is None:
+                result = await self.transfers.fetch(req, on_progress)
+            return await self._deliver(result, dest, stream, tee)
+        finally:
+            if tee is not None:
+                await tee.close()
+
+    async def _tee(self, key: str, dest: Path) -> Tee | None:
+        """A copy that follows the download into ``dest``'s directory, unless a reflink
+        of the finished blob costs nothing there (then that is made at the end)."""
+        dest = dest.absolute()
+        if await asyncio.to_thread(can_reflink, self.ingest.dir, dest.parent):
+            return None
+        try:
+            tee = Tee(self.ingest, key, dest)
+        except OSError as exc:
+            raise OutputError(f"output {dest}: cannot create files beside it: {exc}") from exc
+        tee.start()
+        return tee
+
+    async def _deliver(
+        self, result: BlobResult, dest: Path | None, stream: BinaryIO | None, tee: Tee | None
+    ) -> FetchResult:
         if dest is None and stream is None:
             return FetchResult(
                 result.path, result.digest, result.size, result.stats, result.attempts
@@ -284,7 +308,12 @@ class Engine:
         # committed, a pull may share it, and the next fetch of it moves no byte.
         try:
             if dest is not None:
-                how = await asyncio.to_thread(publish, result.path, dest)
+                copy = await tee.finish(result.size) if tee is not None else None
+                if copy is not None:
+                    await asyncio.to_thread(install, *copy, dest.absolute())
+                    how = "a copy made as the bytes arrived"
+                else:
+                    how = await asyncio.to_thread(publish, result.path, dest)
                 log.info("fetch %s: published to %s by %s", result.digest, dest, how)
             else:
                 assert stream is not None
@@ -397,9 +426,24 @@ def publish(blob: Path, dest: Path) -> str:
     _check_kind(dest)
     fd, tmp = create_temp(dest.parent, f".{dest.name}.", ".resumer-tmp")
     try:
+        with open(blob, "rb") as src:
+            how = copy_into(src.fileno(), fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    install(fd, tmp, dest)
+    return how
+
+
+def install(fd: int, tmp: Path, dest: Path) -> None:
+    """Rename the complete copy ``tmp`` (open as ``fd``, closed here) over ``dest``:
+    the output's rules checked again, fsync, rename, fsync of the directory. On any
+    failure ``tmp`` is removed and ``dest`` is left as it was."""
+    try:
         try:
-            with open(blob, "rb") as src:
-                how = copy_into(src.fileno(), fd)
+            _check_kind(dest)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -409,7 +453,6 @@ def publish(blob: Path, dest: Path) -> str:
             tmp.unlink()
         raise
     fsync_dir(dest.parent)
-    return how
 
 
 def stream_blob(blob: Path, out: BinaryIO) -> None:

@@ -19,7 +19,8 @@
     │   │   ├── StallError
     │   │   ├── ServerError          408 / 429 / 5xx, may carry Retry-After
     │   │   ├── BrokenServerError    206 with a wrong Content-Range, an over-long body …
-    │   │   └── RangeRestartError    416 below the expected size: partial discarded
+    │   │   ├── RangeRestartError    416 below the expected size: partial discarded
+    │   │   └── PartialDiscardedError  a reader of a growing partial whose bytes were thrown away
     │   ├── PermanentError           never retried
     │   │   ├── NotFoundError        404
     │   │   ├── UntrustedCertificateError  TLS certificate verification failed
@@ -145,6 +146,10 @@ class BrokenServerError(TransientError):
 
 class RangeRestartError(TransientError):
     """416 for an offset below the expected size: the partial was discarded."""
+
+
+class PartialDiscardedError(TransientError):
+    """A reader of a growing partial: the bytes it read were thrown away (a reset)."""
 
 
 class PermanentError(TransferError):

@@ -172,6 +172,39 @@ def copy_into(src: int, dst: int) -> str:
     return "read/write"
 
 
+def copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Bytes [start, end) of ``src`` to the same offsets of ``dst``: in the kernel
+    (``copy_file_range``) where it can, else read and write. For a copy that follows a
+    file as it grows, a range at a time (see ``tee.py``)."""
+    try:
+        _copy_file_range(src, dst, start, end)
+    except _GaveUp as gave_up:
+        if gave_up.errno not in _NO_COPY_RANGE:
+            raise gave_up.cause from None
+        _read_write(src, dst, gave_up.offset, end)
+
+
+def can_reflink(src_dir: Path, dst_dir: Path) -> bool:
+    """Whether a file in ``src_dir`` can be reflinked into ``dst_dir`` (probed with two
+    small temp files): then a copy of a finished blob costs no data copy."""
+    sfd, spath = create_temp(src_dir, ".reflink-probe.")
+    try:
+        os.write(sfd, b"\0" * 4096)
+        rfd = os.open(spath, os.O_RDONLY | os.O_CLOEXEC)  # a clone reads its source
+        dfd, dpath = create_temp(dst_dir, ".reflink-probe.")
+        try:
+            return _reflink(rfd, dfd)
+        except OSError:
+            return False
+        finally:
+            os.close(dfd)
+            os.close(rfd)
+            dpath.unlink(missing_ok=True)
+    finally:
+        os.close(sfd)
+        spath.unlink(missing_ok=True)
+
+
 class _GaveUp(Exception):
     """A way of copying failed at ``offset`` with ``cause``."""
 

@@ -41,7 +41,14 @@ import xxhash
 from ..clock import Clock
 from ..config import Config
 from ..digest import to_signed
-from ..errors import DigestMismatchError, DiskFullError, StoreError, TransferError, disk_error
+from ..errors import (
+    DigestMismatchError,
+    DiskFullError,
+    PartialDiscardedError,
+    StoreError,
+    TransferError,
+    disk_error,
+)
 from ..layout import Layout, fsync_dir, make_dirs
 from ..store import AttemptTally, Store, TransferState
 
@@ -105,8 +112,28 @@ class Ingest:
         make_dirs(self.blobs)
         #: partials open in this process (a simulated crash closes their files)
         self.open_partials: set[Partial] = set()
+        #: waiting for the partial of a key to open (``when_open``)
+        self._openers: dict[str, list[asyncio.Future[Partial]]] = {}
         #: called with (key, offset) after each accepted write; None on the hot path
         self.observer: Callable[[str, int], None] | None = None
+
+    def when_open(self, key: str) -> asyncio.Future[Partial]:
+        """The partial of ``key`` once it is open in this process (now, if it is)."""
+        fut: asyncio.Future[Partial] = asyncio.get_running_loop().create_future()
+        for partial in self.open_partials:
+            if partial.key == key:
+                fut.set_result(partial)
+                return fut
+        self._openers.setdefault(key, []).append(fut)
+        return fut
+
+    def _opened(self, partial: Partial) -> None:
+        for fut in self._openers.pop(partial.key, []):
+            if not fut.done():
+                fut.set_result(partial)
+        # Waiters that gave up (cancelled) on other keys are forgotten here too.
+        for key in [k for k, futs in self._openers.items() if all(f.done() for f in futs)]:
+            del self._openers[key]
 
     def sync_interval(self) -> int:
         """Bytes a partial may write before its next fdatasync.
@@ -168,6 +195,7 @@ class Ingest:
             validator=row.validator,
         )
         reopened = await partial._reopen(hashes)
+        self._opened(partial)
         if reopened.discarded:
             log.info(
                 "%s: kept %d verified bytes; %d bytes found bad or unrecorded (%s) are now"
@@ -294,6 +322,7 @@ class Partial:
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
         self._committed = False
+        self._closed = False  # released: no more writes (committed or not)
         #: the open attempt's (id, wire bytes, kept bytes, held) so far, booked with each
         #: chunk record: an attempt the process dies in still says what it moved
         self.tally: Callable[[], AttemptTally] | None = None
@@ -446,26 +475,40 @@ class Partial:
         fd = await loop.run_in_executor(None, os.open, self.path, os.O_RDONLY)
         try:
             pos = start
-            while self.size is None or pos < self.size:
-                end = self.readable()
-                if pos < end:
-                    data = await loop.run_in_executor(
-                        None, os.pread, fd, min(block, end - pos), pos
-                    )
-                    if generation != self._generation or not data:
-                        raise TransferError(f"{self.key}: partial discarded while being read")
-                    pos += len(data)
-                    yield data
-                    continue
-                if generation != self._generation:
-                    raise TransferError(f"{self.key}: partial discarded while being read")
-                if self._fd < 0 and not self._committed:
-                    raise TransferError(f"{self.key}: partial closed at {pos} of {self.size}")
-                fut = loop.create_future()
-                self._growth.append(fut)
-                await fut
+            while (end := await self.wait_readable(pos, generation)) is not None:
+                n = min(block, end - pos)
+                data = await loop.run_in_executor(None, os.pread, fd, n, pos)
+                if generation != self._generation or not data:
+                    raise PartialDiscardedError(f"{self.key}: partial discarded while being read")
+                pos += len(data)
+                yield data
         finally:
             os.close(fd)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the content is thrown away (a reader's bytes are then void)."""
+        return self._generation
+
+    async def wait_readable(self, pos: int, generation: int) -> int | None:
+        """Wait until more than ``pos`` bytes are readable; the readable end, or None when
+        the blob is committed and ends at ``pos``. ``PartialDiscardedError`` once the
+        content of ``generation`` is thrown away; ``TransferError`` if the partial closes
+        without a commit first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if generation != self._generation:
+                raise PartialDiscardedError(f"{self.key}: partial discarded while being read")
+            end = self.readable()
+            if pos < end:
+                return end
+            if self._committed and self.size is not None and pos >= self.size:
+                return None
+            if self._closed and not self._committed:
+                raise TransferError(f"{self.key}: partial closed at {pos} of {self.size}")
+            fut = loop.create_future()
+            self._growth.append(fut)
+            await fut
 
     def _wake_readers(self) -> None:
         waiting, self._growth = self._growth, []
@@ -872,6 +915,7 @@ class Partial:
             log.warning("%s: recording checkpoints failed: %s", self.key, task.exception())
 
     def _release(self) -> None:
+        self._closed = True
         self.ingest.open_partials.discard(self)
         self._wake_readers()
         if self._fd >= 0:
