@@ -505,11 +505,16 @@ async def test_registry_a_token_refresh_is_not_an_attempt(
     tmp_path: Path, make_row: MakeRow
 ) -> None:
     clock = FakeClock()
-    async with open_engine(tmp_path / "root", clock, max_download_attempts=1) as eng:
+    async with open_engine(tmp_path / "root", clock, max_download_attempts=2) as eng:
         row = await make_row("token", eng)
-        # The first GET teaches the challenge (a 401), the second carries the token.
+        # 401 (refresh: not an attempt), 503 (attempt 1), 200 (attempt 2): within two.
+        challenge = row.fake._challenge("app")
+        row.fake.failures["/v2/app/manifests/v1"] = [
+            (401, {"WWW-Authenticate": challenge}),
+            (503, {}),
+        ]
         await row.request()
-        # The token expires: one more 401 and a refresh, and the budget of one still holds.
+        # The token expires: one more 401 and a refresh, and the budget still holds.
         row.fake.revoke_tokens()
         await row.request()
     manifest_gets = [r for r in row.fake.requests if r.path == "/v2/app/manifests/v1"]
@@ -517,9 +522,10 @@ async def test_registry_a_token_refresh_is_not_an_attempt(
         None,
         "Bearer secret-token-1",
         "Bearer secret-token-1",
+        "Bearer secret-token-1",
         "Bearer secret-token-2",
     ]
-    assert clock.sleeps == []
+    assert clock.sleeps == [5.0]  # after attempt 1: the refused request was not counted
 
 
 async def test_registry_refused_again_after_one_refresh_is_access_denied_without_retry(
