@@ -6,15 +6,16 @@ failed attempt n the wait is n × step (5, 10, 15 … s), or the server's Retry-
 that is longer. The same policy runs blob transfers and the registry client's manifest
 and token requests, so every request resumer retries follows one set of rules:
 
-| failure                                            | verdict                          |
-|----------------------------------------------------|----------------------------------|
-| 401, or 403, with a refresh left                   | REFRESH: not an attempt          |
-| 401 or 403 again, no byte kept since the refresh   | GIVE_UP: AccessDeniedError       |
-| digest mismatch after a resumed download; a 416    | RESTART from byte 0 (an attempt) |
-| below the size                                     |                                  |
-| an error whose class is not retryable              | GIVE_UP: that error              |
-| a retryable one with the budget spent              | GIVE_UP: BudgetExhaustedError    |
-| a retryable one otherwise                          | RETRY after n × step or Retry-After |
+| failure (in this order)                          | verdict                             |
+|--------------------------------------------------|-------------------------------------|
+| 401, or 403 on the request, with a refresh left  | REFRESH: not an attempt             |
+| 401 or 403 again, no byte kept since the refresh | GIVE_UP: AccessDeniedError          |
+| a digest mismatch after a resumed download, or a | RESTART from byte 0, after the same |
+| 416 below the size (RangeRestartError)           | delay as RETRY (an attempt)         |
+| an error whose class is not retryable            | GIVE_UP: that error                 |
+| a retryable one with the budget spent            | GIVE_UP: BudgetExhaustedError       |
+| a retryable one otherwise                        | RETRY after n × step, or Retry-After|
+|                                                  | when that is longer                 |
 
 A caller counts each attempt with ``begin()``, reports each failure to
 ``after_failure()`` and does what the verdict says; ``run()`` is that loop for a request
