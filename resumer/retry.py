@@ -19,7 +19,21 @@ and token requests, so every request resumer retries follows one set of rules:
 
 A caller counts each attempt with ``begin()``, reports each failure to
 ``after_failure()`` and does what the verdict says; ``run()`` is that loop for a request
-that has nothing to keep between attempts (a manifest, a token).
+that has nothing to keep between attempts (a manifest, a token). A blob transfer keeps
+its own loop (it owns the partial) and asks the same questions::
+
+    policy = AttemptPolicy.for_config(req.key, config)
+    while True:
+        n = policy.begin()                      # the attempt number for the attempts row
+        ...one attempt; on success return...
+        verdict = policy.after_failure(err, kept_bytes=out.kept_bytes)
+        if verdict.action is Action.REFRESH:
+            if await source.refresh_auth(endpoint, getattr(err, "challenge", None)):
+                continue                        # at once, not an attempt
+            verdict = policy.refused(err)
+        if verdict.action is Action.GIVE_UP:
+            give_up(verdict, err)
+        await policy.wait(verdict, clock, tick)  # RETRY / RESTART: the countdown
 """
 
 from __future__ import annotations
