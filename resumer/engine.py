@@ -38,6 +38,7 @@ from .errors import (
 from .events import ProgressCallback, Stats, ignore
 from .fetch import revalidate
 from .gc import collect_partials
+from .hosts import HostHealth
 from .layout import Layout
 from .rootlock import RootLock
 from .source import UrlSource, check_url, redact_url
@@ -116,6 +117,8 @@ class Engine:
         self.ingest = Ingest(root, store, config, clock)
         self.ctx = TransferContext(session, store, self.ingest, config, clock, self.run_id)
         self.transfers = TransferManager(self.ctx)
+        #: which hosts to try first, shared by every registry client and transfer
+        self.hosts = HostHealth(clock)
         self.lock: RootLock | None = None
         self._registries: dict[tuple[tuple[str, ...], tuple[str, ...]], RegistryClient] = {}
         #: tests and the lab point a registry name at a local URL (e.g. docker.io → 127.0.0.1)
@@ -133,6 +136,7 @@ class Engine:
                 config,
                 clock=self.clock,
                 endpoint_overrides=self.endpoint_overrides,
+                hosts=self.hosts,
             )
         return self._registries[key]
 

@@ -1,6 +1,6 @@
 """Every error resumer raises, in one tree.
 
-    ResumerError                     base; ``retryable`` says whether another attempt may help
+    ResumerError                     base; ``retryable``, per class: may another attempt help?
     ├── UsageError                   bad flags, config file or reference (exit 2)
     │   ├── ConfigError
     │   ├── ReferenceError_          an image reference that does not parse
@@ -16,6 +16,7 @@
     ├── TransferError                one blob transfer
     │   ├── TransientError           retryable: cut, stall, 5xx, 408, 429, bad Content-Range …
     │   │   ├── ConnectionCutError
+    │   │   │   └── ConnectFailedError   no response at all: refused, unreachable, reset early
     │   │   ├── StallError
     │   │   ├── ServerError          408 / 429 / 5xx, may carry Retry-After
     │   │   ├── BrokenServerError    206 with a wrong Content-Range, an over-long body …
@@ -25,7 +26,8 @@
     │   │   ├── NotFoundError        404
     │   │   ├── UntrustedCertificateError  TLS certificate verification failed
     │   │   ├── AccessDeniedError    401/403 that persists after one token refresh
-    │   │   └── DigestMismatchError  (retryable only when the download was resumed)
+    │   │   │   └── ForbiddenError   403 on a request: the caller refreshes once, as for 401
+    │   │   └── DigestMismatchError  never retried as such; after a resume, a restart from zero
     │   ├── UnauthorizedError        401: refresh the token once, not an attempt
     │   ├── BudgetExhaustedError     max-download-attempts used up; names blob, N, last cause
     │   └── LayerDownloadError       a pull's layer failed; names its position and the cause
@@ -40,11 +42,16 @@ those layers end, with ``raise … from exc``, so callers never see a foreign tr
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ResumerError(Exception):
     """Base of every error resumer raises on purpose."""
 
-    retryable: bool = False
+    #: Whether another attempt may help: a property of the class, never of one instance,
+    #: so one look at the tree says what is retried. The attempt policy (retry.py) makes
+    #: the few decisions that depend on more than the class (a refresh, a restart).
+    retryable: ClassVar[bool] = False
     exit_code: int = 1
 
 
@@ -132,6 +139,13 @@ class ConnectionCutError(TransientError):
     """The connection failed or closed before the body was complete."""
 
 
+class ConnectFailedError(ConnectionCutError):
+    """No response at all: refused, unreachable, DNS, or closed before the status line.
+
+    The host's health record (hosts.py) tries such a host after the others for a while.
+    """
+
+
 class StallError(TransientError):
     """No byte for stall-timeout, or below low-speed-limit for low-speed-time."""
 
@@ -168,13 +182,25 @@ class AccessDeniedError(PermanentError):
     """401 or 403 that persisted after one token refresh."""
 
 
+class ForbiddenError(AccessDeniedError):
+    """403 on a request. Like a 401, it may mean a token of too narrow a scope, so the
+    attempt policy refreshes once (not an attempt); raised as is, it is permanent."""
+
+    def __init__(self, message: str, *, challenge: str | None = None) -> None:
+        super().__init__(message, status=403)
+        self.challenge = challenge
+
+
 class DigestMismatchError(PermanentError):
-    """The downloaded content does not hash to the expected digest."""
+    """The downloaded content does not hash to the expected digest.
+
+    ``resumed`` records whether the download had been resumed: a fact, not a decision.
+    Docker's rule, a mismatch after a resume is retried from zero, is the attempt
+    policy's (``retry.AttemptPolicy`` answers RESTART); the class itself is never retried.
+    """
 
     def __init__(self, message: str, *, resumed: bool) -> None:
         super().__init__(message)
-        # Docker's rule: a mismatch after a resumed download is retried from zero.
-        self.retryable = resumed
         self.resumed = resumed
 
 

@@ -25,7 +25,12 @@ from servers import SKOPEO_BIN, Registry, require, skopeo_copy
 from test_pull_real import assert_readable, pull_cli
 
 from resumer.config import Config
-from resumer.errors import ConnectionCutError, RegistryError, UntrustedCertificateError
+from resumer.errors import (
+    BudgetExhaustedError,
+    ConnectionCutError,
+    RegistryError,
+    UntrustedCertificateError,
+)
 from resumer.fetch import _open
 from resumer.lab.images import LayerSpec, build_image, write_oci_layout
 from resumer.registry import RegistryClient, _map_client_error, parse_reference
@@ -219,8 +224,10 @@ async def test_a_refused_probe_decides_nothing(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there once closed
     client = make_client(Config(retry_delay=0))
-    with pytest.raises(ConnectionCutError):
+    # One attempt policy for manifests too: the budget is spent, the last cause a cut.
+    with pytest.raises(BudgetExhaustedError) as info:
         await client.resolve(f"127.0.0.1:{port}/lab/app:v1")
+    assert isinstance(info.value.last, ConnectionCutError)
     # The blob source still hands out an endpoint (HTTPS, unverified) and probes again later.
     [endpoint] = await client.blob_source(f"127.0.0.1:{port}/a:b", DIGEST).endpoints()
     assert endpoint.url.startswith(f"https://127.0.0.1:{port}/")

@@ -28,6 +28,7 @@ from resumer.clock import FakeClock
 from resumer.config import Config
 from resumer.errors import (
     AccessDeniedError,
+    BudgetExhaustedError,
     ConnectionCutError,
     DigestMismatchError,
     NotFoundError,
@@ -566,16 +567,17 @@ async def test_transient_errors_are_retried_with_the_injected_clock(
     assert clock.sleeps == [12.0, 10.0]
 
 
-async def test_transient_errors_give_up_after_a_few_tries(
+async def test_transient_errors_give_up_after_the_engine_attempt_budget(
     serve_image: ServeImage, make_client: Callable[..., RegistryClient], clock: FakeClock
 ) -> None:
     fake, host, _ = await serve_image()
     fake.failures["/v2/app/manifests/v1"] = [(500, {})] * 5
 
-    with pytest.raises(ServerError, match="HTTP 500") as info:
-        await make_client().resolve(f"{host}/app:v1")
-    assert info.value.status == 500
-    assert len(clock.sleeps) == 2
+    with pytest.raises(BudgetExhaustedError, match="HTTP 500") as info:
+        await make_client(Config(max_download_attempts=3)).resolve(f"{host}/app:v1")
+    assert isinstance(info.value.last, ServerError) and info.value.last.status == 500
+    assert info.value.attempts == 3
+    assert clock.sleeps == [5.0, 10.0]
     assert len(fake.requests) == 3
 
 
@@ -598,10 +600,12 @@ async def test_connection_refused_is_a_connection_cut(
     port = server.port
     await server.close()  # nothing listens there any more
 
-    with pytest.raises(ConnectionCutError) as info:
+    with pytest.raises(BudgetExhaustedError) as info:
         await make_client().resolve(f"127.0.0.1:{port}/app:v1")
-    assert isinstance(info.value.__cause__, aiohttp.ClientError)
-    assert len(clock.sleeps) == 2
+    last = info.value.last
+    assert isinstance(last, ConnectionCutError)
+    assert isinstance(last.__cause__, aiohttp.ClientError)
+    assert info.value.attempts == 5 and len(clock.sleeps) == 4
 
 
 # ---- schemes and mirrors --------------------------------------------------------------
