@@ -115,10 +115,12 @@ class Engine:
         self.clock = clock
         self.run_id = uuid.uuid4().hex
         self.ingest = Ingest(root, store, config, clock)
-        self.ctx = TransferContext(session, store, self.ingest, config, clock, self.run_id)
-        self.transfers = TransferManager(self.ctx)
         #: which hosts to try first, shared by every registry client and transfer
         self.hosts = HostHealth(clock)
+        self.ctx = TransferContext(
+            session, store, self.ingest, config, clock, self.run_id, self.hosts
+        )
+        self.transfers = TransferManager(self.ctx)
         self.lock: RootLock | None = None
         self._registries: dict[tuple[tuple[str, ...], tuple[str, ...]], RegistryClient] = {}
         #: tests and the lab point a registry name at a local URL (e.g. docker.io → 127.0.0.1)

@@ -11,49 +11,44 @@ fresh download), until none is left or a request fails.
 | 206 with any other Content-Range           | fail the attempt, write nothing                |
 | 200 while asking for a range               | the whole blob: fill every hole as it passes,  |
 |                                            | discard the rest (waste), stop after the last  |
-| 416                                        | complete if A == size, else start again        |
-| 401                                        | UnauthorizedError: caller refreshes once       |
-| 404; 403                                   | permanent                                      |
-| 408, 429, 5xx, reset, stall                | transient                                      |
+| 416                                        | complete if A == size, else RangeRestartError  |
+| anything else                              | the error ``http.status_error`` maps it to     |
 
-Redirects are followed here, by hand: Range and If-Range are kept, Authorization is
-dropped when the host changes, and the redirected URL lives only in this attempt.
-aiohttp's exceptions end here: they are mapped into resumer.errors.
+Fetch reports an outcome and decides nothing: whether to retry, refresh a token, restart
+from zero or give up is the attempt policy's (``retry.py``), applied by ``transfer.py``.
+The one exception is a 200 to an If-Range whose validator changed: that body *is* the new
+object, so it is read from byte 0 into an emptied partial rather than thrown away.
+Redirects, the status → error table and URL redaction are the one HTTP edge's
+(``http.py``). aiohttp's exceptions end there and here: they are mapped into
+resumer.errors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from . import http
 from .clock import Clock
 from .errors import (
-    AccessDeniedError,
     BrokenServerError,
     ConnectionCutError,
-    NotFoundError,
-    PermanentError,
     RangeRestartError,
-    ServerError,
     StallError,
     TransferError,
-    UnauthorizedError,
-    UntrustedCertificateError,
 )
 from .source import Endpoint, redact_url
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 10
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes\s+\*/(\d+)$")
 
@@ -133,20 +128,6 @@ class Outcome:
         self.discards[reason] = self.discards.get(reason, 0) + nbytes
         # The reason that cost the most bytes names the row (all are in ``discards``).
         self.discard_reason = max(self.discards, key=self.discards.__getitem__)
-
-
-def retry_after(value: str | None, clock: Clock) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - clock.time())
 
 
 async def attempt(
@@ -268,47 +249,8 @@ async def revalidate(
 async def _open(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], *, verify_tls: bool = True
 ) -> aiohttp.ClientResponse:
-    origin = urlsplit(url).netloc
-    for _ in range(MAX_REDIRECTS + 1):
-        try:
-            resp = await session.get(
-                url,
-                headers=headers,
-                allow_redirects=False,
-                auto_decompress=False,
-                # Unverified only on the endpoint's own host:port (an insecure registry).
-                ssl=verify_tls or urlsplit(url).netloc != origin,
-            )
-        except aiohttp.ClientConnectorCertificateError as exc:
-            # Another attempt meets the same certificate: fail now, say what to do.
-            cause = exc.certificate_error
-            reason = getattr(cause, "verify_message", None) or _describe(cause)
-            raise UntrustedCertificateError(
-                f"{redact_url(url)}: TLS certificate not trusted ({reason}); if the server "
-                "uses a private or self-signed certificate, trust its CA with SSL_CERT_FILE=CA.pem"
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ConnectionCutError(f"{redact_url(url)}: {_describe(exc)}") from exc
-        if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-            resp.release()
-            try:
-                url = urljoin(url, resp.headers["Location"])
-                target = urlsplit(url)
-            except ValueError as exc:
-                raise BrokenServerError(
-                    f"{redact_url(url)}: redirect to a malformed URL", status=resp.status
-                ) from exc
-            if target.scheme.lower() not in ("http", "https"):
-                raise PermanentError(
-                    f"{redact_url(url)}: redirected to an unsupported scheme (http and https only)",
-                    status=resp.status,
-                )
-            if target.netloc != origin:
-                # Credentials are for the registry, never for the storage it redirects to.
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            continue
-        return resp
-    raise BrokenServerError(f"{redact_url(url)}: more than {MAX_REDIRECTS} redirects")
+    # The one HTTP edge: redirects (Range kept, Authorization dropped off-origin).
+    return await http.open_get(session, url, headers, verify_tls=verify_tls)
 
 
 async def _handle(
@@ -335,28 +277,14 @@ async def _handle(
             return True
         if start == 0:
             raise BrokenServerError(f"{where}: 416 for a request from byte 0", status=416)
-        out.restarted = True
-        await sink.reset()
+        # The partial is not of the server's object: the attempt policy restarts it.
         raise RangeRestartError(
             f"{where}: 416 at offset {start} (server size {total}); partial discarded",
             status=416,
         )
-    if status == 401:
-        raise UnauthorizedError(
-            f"{where}: 401 Unauthorized", challenge=resp.headers.get("WWW-Authenticate")
-        )
-    if status == 403:
-        raise AccessDeniedError(f"{where}: 403 Forbidden", status=403)
-    if status == 404:
-        raise NotFoundError(f"{where}: 404 Not Found", status=404)
-    if status in (408, 429) or 500 <= status < 600:
-        raise ServerError(
-            f"{where}: HTTP {status}",
-            status=status,
-            retry_after=retry_after(resp.headers.get("Retry-After"), clock),
-        )
-    if status not in (200, 206):
-        raise PermanentError(f"{where}: unexpected HTTP {status}", status=status)
+    error = http.status_error(status, where, resp.headers, clock)
+    if error is not None:
+        raise error
 
     new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
     if status == 206:

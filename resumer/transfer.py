@@ -20,18 +20,16 @@ import aiohttp
 
 from .clock import Clock
 from .config import Config
-from .content.partial import Ingest, Partial
+from .content.partial import Ingest, Partial, Reopened
 from .errors import (
-    AccessDeniedError,
-    BudgetExhaustedError,
     ConnectionCutError,
     DigestMismatchError,
     TransferError,
-    UnauthorizedError,
 )
 from .events import Event, Stats, Status, ignore
 from .fetch import Outcome, StallPolicy, attempt
-from .retry import AttemptBudget, LinearDelay, countdown, should_retry
+from .hosts import HostHealth
+from .retry import Action, AttemptPolicy, give_up
 from .source import Endpoint, Source
 from .store import Store, TransferState
 
@@ -89,6 +87,8 @@ class TransferContext:
     config: Config
     clock: Clock
     run_id: str
+    #: which host to try first: one record per engine, shared with the registry client
+    hosts: HostHealth
     #: The pull for attempts whose request names none (``BlobRequest.pull_id`` wins).
     pull_id: int | None = None
 
@@ -103,12 +103,9 @@ def _existing(ctx: TransferContext, req: BlobRequest) -> BlobResult | None:
 
 async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> BlobResult:
     """Download one blob to commit, within the attempt budget of this run."""
-    cfg, store, clock = ctx.config, ctx.store, ctx.clock
     existing = _existing(ctx, req)
     if existing is not None:
         return existing
-    pull_id = req.pull_id if req.pull_id is not None else ctx.pull_id
-    stats = Stats()
     partial, reopened = await ctx.ingest.open(
         req.key,
         digest=req.digest,
@@ -116,128 +113,159 @@ async def run_transfer(ctx: TransferContext, req: BlobRequest, emit: Emit) -> Bl
         media_type=req.media_type,
         source=req.source.display,
     )
-    budget = AttemptBudget(cfg.max_download_attempts)
-    delay = LinearDelay(cfg.retry_delay)
-    stall = StallPolicy(cfg.stall_timeout, cfg.low_speed_limit, cfg.low_speed_time)
-    chooser = _EndpointChooser()
-    attempts = 0
-    refreshed = False
-    committed = False
-    open_attempt: tuple[int, int] | None = None  # (attempt id, start offset) until ended
-    last_progress = [0.0]
+    return await _Transfer(ctx, req, emit, partial).run(reopened)
 
-    def on_bytes(offset: int) -> None:  # the cursor; progress shows all bytes held
-        now = clock.monotonic()
-        held = partial.held
-        if now - last_progress[0] >= 0.1 or held == partial.size:
-            last_progress[0] = now
-            emit(Event(req.id, Status.DOWNLOADING, held, partial.size))
 
-    try:
-        # Inside the try: the partial is open (its recorder task, threads and file) and
-        # is closed on every way out, including a failure or a cancel right here.
-        for reason, nbytes in reopened.discards.items():
-            stats.discard(nbytes, reason)
-            await store.record_discard(req.key, ctx.run_id, nbytes, reason)
-        while True:
-            endpoint = chooser.pick(await req.source.endpoints())
-            start = partial.held
-            if start > 0:
-                partial.mark_resumed()
-                stats.resumes += 1
-                emit(Event(req.id, Status.RESUMING, start, partial.size, value=start))
-            attempts += 1
-            stats.attempts += 1
-            attempt_id = await store.start_attempt(
-                req.key,
-                run_id=ctx.run_id,
-                attempt_no=attempts,
-                host=endpoint.host,
-                start_offset=start,
-                pull_id=pull_id,
-            )
-            open_attempt = (attempt_id, start)
-            out = Outcome(host=endpoint.host)
-            partial.tally = functools.partial(_tally, attempt_id, out, partial)
-            out = await attempt(
-                ctx.session,
+class _Transfer:
+    """One blob's attempts in one run: each step a method, every decision the policy's.
+
+    The loop (containerd's ``content.Copy`` with Docker's budget): pick a host, make an
+    attempt (fetch.py fills the partial's holes), commit when it says complete, book
+    the attempt, then retry, refresh, restart or give up as ``AttemptPolicy`` says.
+    """
+
+    def __init__(self, ctx: TransferContext, req: BlobRequest, emit: Emit, partial: Partial):
+        cfg = ctx.config
+        self.ctx, self.req, self.emit, self.partial = ctx, req, emit, partial
+        self.store, self.clock = ctx.store, ctx.clock
+        self.pull_id = req.pull_id if req.pull_id is not None else ctx.pull_id
+        self.stats = Stats()
+        # Budget, delays, refresh, restart and give-up: decided by the one policy.
+        self.policy = AttemptPolicy.for_config(req.key, cfg)
+        self.stall = StallPolicy(cfg.stall_timeout, cfg.low_speed_limit, cfg.low_speed_time)
+        self.committed = False
+        self.open_attempt: tuple[int, int] | None = None  # (attempt id, start) until ended
+        self._last_progress = 0.0
+
+    async def run(self, reopened: Reopened) -> BlobResult:
+        req, partial, stats, policy = self.req, self.partial, self.stats, self.policy
+        try:
+            # Inside the try: the partial is open (its recorder task, threads and file)
+            # and is closed on every way out, including a failure or a cancel right here.
+            for reason, nbytes in reopened.discards.items():
+                stats.discard(nbytes, reason)
+                await self.store.record_discard(req.key, self.ctx.run_id, nbytes, reason)
+            while True:
+                endpoint = _pick(self.ctx.hosts, await req.source.endpoints())
+                out, path = await self._attempt(endpoint)
+                err = out.error
+                verdict = None
+                if path is None:
+                    assert err is not None
+                    log.info("%s: attempt %d failed: %s", req.key, policy.attempts, err)
+                    _note_host(self.ctx.hosts, endpoint.host, out, err)
+                    verdict = policy.after_failure(err, kept_bytes=out.kept_bytes)
+                    if verdict.action is Action.RESTART and partial.held:
+                        # Not the server's object (a 416 below its size): from zero.
+                        out.discard(partial.held, "partial-discarded")
+                        await partial.reset()
+                await self._end_attempt(out)
+                if path is not None:
+                    return self._done(path)
+                assert err is not None and verdict is not None
+                stats.attempts = policy.attempts  # a refresh is not an attempt
+                if verdict.action is Action.REFRESH:
+                    challenge = getattr(err, "challenge", None)
+                    if await req.source.refresh_auth(endpoint, challenge):
+                        continue
+                    verdict = policy.refused(err)
+                if verdict.action is Action.GIVE_UP:
+                    give_up(verdict, err)
+                tick = functools.partial(self._retrying, req.id)
+                await policy.wait(verdict, self.clock, tick)
+        except BaseException as exc:
+            if not self.committed:
+                # Shielded: a second cancel must not interrupt the last checkpoint.
+                keep = _keep_partial(self.store, partial, req.key, exc, self.open_attempt)
+                await _wait_through_cancels(asyncio.ensure_future(keep))
+            raise
+
+    async def _attempt(self, endpoint: Endpoint) -> tuple[Outcome, Path | None]:
+        """One attempt to the end, and the commit if it completed the blob."""
+        req, partial, stats = self.req, self.partial, self.stats
+        start = partial.held
+        if start > 0:
+            partial.mark_resumed()
+            stats.resumes += 1
+            self.emit(Event(req.id, Status.RESUMING, start, partial.size, value=start))
+        attempt_no = self.policy.begin()
+        stats.attempts = self.policy.attempts
+        attempt_id = await self.store.start_attempt(
+            req.key,
+            run_id=self.ctx.run_id,
+            attempt_no=attempt_no,
+            host=endpoint.host,
+            start_offset=start,
+            pull_id=self.pull_id,
+        )
+        self.open_attempt = (attempt_id, start)
+        out = Outcome(host=endpoint.host)
+        partial.tally = functools.partial(_tally, attempt_id, out, partial)
+        try:
+            await attempt(
+                self.ctx.session,
                 endpoint,
                 partial,
                 size=partial.size,
                 # A digest already pins the content; If-Range only guards URL-keyed ones.
                 validator=None if req.digest else partial.validator,
-                stall=stall,
-                clock=clock,
-                on_bytes=on_bytes,
+                stall=self.stall,
+                clock=self.clock,
+                on_bytes=self._on_bytes,
                 out=out,
             )
             await partial.flush()
+        finally:
             partial.tally = None
-            err: TransferError | None = out.error
-            if out.restarted:
-                out.discard(start, "partial-discarded")
-            stats.wire_bytes += out.wire_bytes
-            if err is None and out.complete:
-                emit(Event(req.id, Status.VERIFYING))
-                try:
-                    path = await partial.commit()
-                except DigestMismatchError as exc:
-                    err = exc
-                    wasted = partial.held
-                    await partial.reset()
-                    out.discard(wasted, "digest-mismatch")
-                else:
-                    committed = True
-            # Booked once, per reason, after every discard of the attempt is known.
-            for reason, nbytes in out.discards.items():
-                stats.discard(nbytes, reason)
-            await store.end_attempt(
-                attempt_id,
-                end_offset=partial.held,
-                wire_bytes=out.wire_bytes,
-                kept_bytes=out.kept_bytes,
-                discards=out.discards,
-                http_status=out.status,
-                error=str(err) if err else None,
-            )
-            open_attempt = None
-            if committed:
-                size = path.stat().st_size
-                stats.payload_bytes += size
-                emit(Event(req.id, Status.DOWNLOAD_COMPLETE))
-                digest = req.digest or partial.sha256
-                return BlobResult(path, digest, size, stats, attempts)
-            assert err is not None
-            log.info("%s: attempt %d failed: %s", req.key, attempts, err)
-            if out.kept_bytes:
-                refreshed = False  # progress was made: a later expiry may refresh again
-            if out.range_ignored:
-                chooser.range_ignored(endpoint)
-            if isinstance(err, UnauthorizedError) or (
-                isinstance(err, AccessDeniedError) and err.status == 403
-            ):
-                # A token refresh is not an attempt (DESIGN.md response table).
-                attempts -= 1
-                stats.attempts -= 1
-                challenge = err.challenge if isinstance(err, UnauthorizedError) else None
-                if not refreshed and await req.source.refresh_auth(endpoint, challenge):
-                    refreshed = True
-                    continue
-                raise AccessDeniedError(f"{req.key}: {err} (after a token refresh)", status=401)
-            if isinstance(err, ConnectionCutError) and out.wire_bytes == 0:
-                chooser.failed(endpoint)
-            if not should_retry(err):
-                raise err
-            if not budget.allows_another(attempts):
-                raise BudgetExhaustedError(req.key, attempts, err)
-            wait = delay(attempts, getattr(err, "retry_after", None))
-            await countdown(wait, clock, lambda n: emit(Event(req.id, Status.RETRYING, value=n)))
-    except BaseException as exc:
-        if not committed:
-            # Shielded: a second cancel must not interrupt the last checkpoint.
-            keep = asyncio.ensure_future(_keep_partial(store, partial, req.key, exc, open_attempt))
-            await _wait_through_cancels(keep)
-        raise
+        if out.restarted:
+            out.discard(start, "partial-discarded")
+        stats.wire_bytes += out.wire_bytes
+        if out.error is not None or not out.complete:
+            return out, None
+        self.emit(Event(req.id, Status.VERIFYING))
+        try:
+            path = await partial.commit()
+        except DigestMismatchError as exc:
+            # Wrong content, resumed or not: none of it is worth keeping.
+            out.error = exc
+            out.discard(partial.held, "digest-mismatch")
+            await partial.reset()
+            return out, None
+        self.committed = True
+        return out, path
+
+    async def _end_attempt(self, out: Outcome) -> None:
+        """Book the attempt: every discard, per reason, once all of them are known."""
+        assert self.open_attempt is not None
+        for reason, nbytes in out.discards.items():
+            self.stats.discard(nbytes, reason)
+        await self.store.end_attempt(
+            self.open_attempt[0],
+            end_offset=self.partial.held,
+            wire_bytes=out.wire_bytes,
+            kept_bytes=out.kept_bytes,
+            discards=out.discards,
+            http_status=out.status,
+            error=str(out.error) if out.error else None,
+        )
+        self.open_attempt = None
+
+    def _done(self, path: Path) -> BlobResult:
+        size = path.stat().st_size
+        self.stats.payload_bytes += size
+        self.emit(Event(self.req.id, Status.DOWNLOAD_COMPLETE))
+        digest = self.req.digest or self.partial.sha256
+        return BlobResult(path, digest, size, self.stats, self.policy.attempts)
+
+    def _on_bytes(self, offset: int) -> None:  # the cursor; progress shows all bytes held
+        now = self.clock.monotonic()
+        held = self.partial.held
+        if now - self._last_progress >= 0.1 or held == self.partial.size:
+            self._last_progress = now
+            self.emit(Event(self.req.id, Status.DOWNLOADING, held, self.partial.size))
+
+    def _retrying(self, layer_id: str, seconds: int) -> None:
+        self.emit(Event(layer_id, Status.RETRYING, value=seconds))
 
 
 def _tally(attempt_id: int, out: Outcome, partial: Partial) -> tuple[int, int, int, int]:
@@ -305,30 +333,21 @@ def _settled(task: asyncio.Task[BlobResult]) -> asyncio.Future[None]:
     return asyncio.ensure_future(wait())
 
 
-class _EndpointChooser:
-    """Prefers endpoints that connect and honour Range; falls back in order."""
+def _pick(hosts: HostHealth, endpoints: list[Endpoint]) -> Endpoint:
+    """The endpoint to try: the healthiest host, Range honoured first."""
+    if not endpoints:
+        raise TransferError("no endpoint to fetch from")
+    return hosts.order(endpoints)[0]
 
-    def __init__(self) -> None:
-        self._failed: set[str] = set()
-        self._ignores_range: set[str] = set()
 
-    def pick(self, endpoints: list[Endpoint]) -> Endpoint:
-        if not endpoints:
-            raise TransferError("no endpoint to fetch from")
-        for ep in endpoints:
-            if ep.host not in self._failed and ep.host not in self._ignores_range:
-                return ep
-        for ep in endpoints:
-            if ep.host not in self._failed:
-                return ep
-        self._failed.clear()  # everything failed once: start the round again
-        return endpoints[0]
-
-    def failed(self, ep: Endpoint) -> None:
-        self._failed.add(ep.host)
-
-    def range_ignored(self, ep: Endpoint) -> None:
-        self._ignores_range.add(ep.host)
+def _note_host(hosts: HostHealth, host: str, out: Outcome, err: TransferError) -> None:
+    """Tell the shared host record what this attempt learned about ``host``."""
+    if out.range_ignored:
+        hosts.range_ignored(host)
+    if isinstance(err, ConnectionCutError) and out.status is None and out.wire_bytes == 0:
+        hosts.failed(host)  # no answer at all
+    elif out.status is not None:
+        hosts.succeeded(host)
 
 
 class _Shared:
