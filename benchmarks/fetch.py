@@ -13,6 +13,7 @@ checkpoints on; checkpoint overhead ≤ 5 %; peak RSS ≤ 80 MiB.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,14 +38,18 @@ class Variant:
     build: Callable[[str, str, Path], tuple[list[str], Path]]
 
 
-def _resumer(*extra: str) -> Callable[[str, str, Path], tuple[list[str], Path]]:
+def _resumer(
+    *extra: str, exe: list[str] | None = None, env: dict[str, str] | None = None
+) -> Callable[[str, str, Path], tuple[list[str], Path]]:
     def build(url: str, digest: str, scratch: Path) -> tuple[list[str], Path]:
         out = scratch / "out.bin"
         root = scratch / "root"  # fresh every run: no checkpoint or blob to reuse
         # The console script next to this interpreter, not the first on PATH: a pyenv
         # shim there would add bash start-ups to every timed run.
+        prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
         return [
-            *common.resumer_bin(),
+            *prefix,
+            *(exe or common.resumer_bin()),
             "fetch",
             url,
             "--digest",
@@ -89,9 +94,26 @@ VARIANTS = [
     Variant("resumer", "resumer (1 MiB chunks)", _resumer()),
     Variant("resumer_nockpt", "resumer --no-checkpoints", _resumer("--no-checkpoints")),
     Variant("resumer_256k", "resumer --chunk-size 256KiB", _resumer("--chunk-size", "262144")),
+    # The copy to -o made at the end instead of as the bytes arrive (what the tee saves).
+    Variant(
+        "resumer_copy_at_end",
+        "resumer, -o copied at the end",
+        _resumer(env={"RESUMER_FETCH_TEE": "0"}),
+    ),
     Variant("curl", "curl", _curl),
     Variant("aria2c", "aria2c -x1 -s1", _aria2c),
 ]
+# RESUMER_BASELINE=/path/to/resumer: an earlier build beside this one, in the same run
+# (e.g. the seed's, or the commit before a change), so "not slower" is one measurement.
+if os.environ.get("RESUMER_BASELINE"):
+    VARIANTS.insert(
+        1,
+        Variant(
+            "resumer_baseline",
+            f"resumer baseline ({os.environ.get('RESUMER_BASELINE_LABEL', 'RESUMER_BASELINE')})",
+            _resumer(exe=[os.environ["RESUMER_BASELINE"]]),
+        ),
+    )
 
 
 def parse_size(text: str) -> int:
@@ -148,7 +170,10 @@ def summarise(size: int, rounds: int, measured: dict[str, Any]) -> dict[str, Any
         "aria2c/curl": med["aria2c"]["wall_s"] / curl,
         "checkpoint_overhead": med["resumer"]["wall_s"] / med["resumer_nockpt"]["wall_s"] - 1,
         "resumer_256k/resumer": med["resumer_256k"]["wall_s"] / med["resumer"]["wall_s"],
+        "copy_at_end/resumer": med["resumer_copy_at_end"]["wall_s"] / med["resumer"]["wall_s"],
     }
+    if "resumer_baseline" in med:
+        ratios["resumer/baseline"] = med["resumer"]["wall_s"] / med["resumer_baseline"]["wall_s"]
     goals = {
         "wall_vs_curl": {
             "goal": f"≤ {GOAL_RATIO:.1f}× curl",
@@ -236,6 +261,15 @@ def render(data: dict[str, Any], profile: str | None) -> str:
             f"{ratios['checkpoint_overhead']:+.1%}",
         ],
         ["256 KiB chunks / 1 MiB chunks", f"{ratios['resumer_256k/resumer']:.3f}×"],
+        [
+            "-o copied at the end / copied as the bytes arrive",
+            f"{ratios['copy_at_end/resumer']:.3f}×",
+        ],
+        *(
+            [["resumer / the baseline build", f"{ratios['resumer/baseline']:.3f}×"]]
+            if "resumer/baseline" in ratios
+            else []
+        ),
         ["aria2c / curl", f"{ratios['aria2c/curl']:.3f}×"],
     ]
     goal_rows = []

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-import aiohttp
-
+from . import http
 from .clock import Clock, SystemClock
 from .config import Config
 from .content.blobs import can_reflink, copy_into, create_temp, fsync_dir, make_dirs
@@ -46,10 +45,15 @@ from .store import Store, TransferState
 from .transfer import BlobRequest, BlobResult, TransferContext, TransferManager
 
 if TYPE_CHECKING:  # the pull machinery loads on first use: `resumer fetch` starts faster
+    import aiohttp
+
     from .pull import PullOutcome
     from .registry import RegistryClient
 
 log = logging.getLogger(__name__)
+
+#: RESUMER_FETCH_TEE=0 copies to ``fetch -o`` at the end only (for comparison)
+_TEE = os.environ.get("RESUMER_FETCH_TEE", "1") != "0"
 
 
 @dataclass
@@ -79,22 +83,6 @@ class ResumeResult:
 def url_key(url: str) -> str:
     """A transfer key for a URL fetched without a digest. Hashed: URLs may hold secrets."""
     return "url:" + hashlib.sha256(url.encode()).hexdigest()
-
-
-def make_session(config: Config) -> aiohttp.ClientSession:
-    # total=None: a layer may take hours on a satellite link; stalls are our watchdog's job.
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=config.connect_timeout or None,
-        sock_read=None,
-    )
-    return aiohttp.ClientSession(
-        timeout=timeout,
-        auto_decompress=False,
-        # One network read is the unit a kill can lose on top of unrecorded chunks.
-        read_bufsize=256 * 1024,
-        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-    )
 
 
 class Engine:
@@ -230,7 +218,7 @@ class Engine:
             Layout(root).ensure()  # the root is an OCI image layout
             store = await Store.open(root / "state.db", clock=clock)
             try:
-                async with make_session(config) as session:
+                async with http.make_session(connect_timeout=config.connect_timeout) as session:
                     engine = cls(root, config, store, session, clock or SystemClock())
                     engine.lock = lock
                     await collect_partials(engine.ingest, config.partial_budget_bytes)
@@ -290,7 +278,7 @@ class Engine:
         """A copy that follows the download into ``dest``'s directory, unless a reflink
         of the finished blob costs nothing there (then that is made at the end)."""
         dest = dest.absolute()
-        if await asyncio.to_thread(can_reflink, self.ingest.dir, dest.parent):
+        if not _TEE or await asyncio.to_thread(can_reflink, self.ingest.dir, dest.parent):
             return None
         try:
             tee = Tee(self.ingest, key, dest)

@@ -360,3 +360,18 @@ def _speaks_no_tls(exc: aiohttp.ClientError) -> bool:
             cause, ssl.SSLError | ConnectionResetError | ConnectionAbortedError
         ) or cause.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
     return False
+
+
+def make_session(*, connect_timeout: float | None) -> aiohttp.ClientSession:
+    """The engine's one session (DESIGN.md, conventions)."""
+    # total=None: a layer may take hours on a satellite link; stalls are our watchdog's job.
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout or None, sock_read=None
+    )
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        auto_decompress=False,
+        # One network read is the unit a kill can lose on top of unrecorded chunks.
+        read_bufsize=256 * 1024,
+        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+    )

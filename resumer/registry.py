@@ -36,10 +36,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
-
-import aiohttp  # the session's type, and _map_client_error; requests go through http.py
 
 from . import http
 from .clock import Clock, SystemClock
@@ -48,7 +46,6 @@ from .errors import (
     AccessDeniedError,
     BrokenServerError,
     ConnectFailedError,
-    ConnectionCutError,
     DigestMismatchError,
     PlatformNotFoundError,
     ReferenceError_,
@@ -59,6 +56,9 @@ from .hosts import DEMOTION_SECONDS as DEMOTION_SECONDS  # re-exported: it lives
 from .hosts import HostHealth, host_of
 from .retry import AttemptBudget, AttemptPolicy, LinearDelay, run
 from .source import Endpoint, redact_url
+
+if TYPE_CHECKING:  # the session's type only: requests go through http.py
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -1054,27 +1054,6 @@ def _what(kind: str, ref: Reference, ident: str) -> str:
     """What a small GET is for, in messages: ``manifest host/repo:tag`` or ``blob …@digest``."""
     noun = "manifest" if kind == "manifests" else "blob"
     return f"{noun} {ref.name}{'@' if ':' in ident else ':'}{ident}"
-
-
-def _map_client_error(exc: aiohttp.ClientError, what: str) -> ResumerError:
-    """An aiohttp error as the registry client mapped them before http.py did.
-
-    Unused by the client itself (``http.open_get`` maps its errors now); kept because
-    tests/test_insecure_tls.py pins its certificate message. Remove both together.
-    """
-    if isinstance(exc, aiohttp.TooManyRedirects):
-        return RegistryError(f"{what}: too many redirects")
-    if isinstance(exc, aiohttp.InvalidURL):
-        return RegistryError(f"{what}: invalid URL")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        # Another attempt meets the same certificate: say what is wrong and what to do.
-        return RegistryError(
-            f"{what}: TLS certificate verification failed ({_safe_reason(exc.certificate_error)}); "
-            "for a registry with a self-signed or private certificate, trust its CA "
-            "(SSL_CERT_FILE) or pass --insecure-registry HOST[:PORT]"
-        )
-    # Connection refused/reset, a body cut short, a read timeout: all "try again".
-    return ConnectionCutError(f"{what}: {type(exc).__name__}: {_safe_reason(exc)}")
 
 
 def _safe_reason(exc: BaseException) -> str:

@@ -15,8 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from .clock import Clock
 from .config import Config
@@ -32,6 +31,9 @@ from .hosts import HostHealth
 from .retry import Action, AttemptPolicy, give_up
 from .source import Endpoint, Source
 from .store import Store, TransferState
+
+if TYPE_CHECKING:  # the session's type only: requests go through fetch.py
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
