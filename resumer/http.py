@@ -66,6 +66,7 @@ from .errors import (
     NotFoundError,
     PermanentError,
     ServerError,
+    StallError,
     TransferError,
     UnauthorizedError,
     UntrustedCertificateError,
@@ -174,6 +175,7 @@ async def open_get(
     *,
     verify_tls: bool = True,
     cert_hint: str = CERT_HINT,
+    stall_timeout: float | None = None,
 ) -> aiohttp.ClientResponse:
     """GET ``url``, following redirects by hand; the response is the caller's to close.
 
@@ -186,7 +188,9 @@ async def open_get(
     for _ in range(MAX_REDIRECTS + 1):
         # Unverified only on the first URL's own host:port (an insecure registry).
         verify = verify_tls or urlsplit(url).netloc != origin[1]
-        resp = await _send(session, url, sent, verify=verify, cert_hint=cert_hint)
+        resp = await _send(
+            session, url, sent, verify=verify, cert_hint=cert_hint, stall_timeout=stall_timeout
+        )
         location = resp.headers.get("Location") if resp.status in REDIRECTS else None
         if location is None:
             return resp
@@ -204,13 +208,21 @@ async def _send(
     *,
     verify: bool,
     cert_hint: str,
+    stall_timeout: float | None = None,
 ) -> aiohttp.ClientResponse:
     try:
         return await session.get(
-            url, headers=headers, allow_redirects=False, auto_decompress=False, ssl=verify
+            url,
+            headers=headers,
+            allow_redirects=False,
+            auto_decompress=False,
+            ssl=verify,
+            timeout=_read_timeout(session, stall_timeout),
         )
     except aiohttp.ClientConnectorCertificateError as exc:
         raise untrusted_certificate(url, exc, cert_hint) from exc
+    except aiohttp.ServerTimeoutError as exc:
+        raise _stalled(url, stall_timeout) from exc
     except aiohttp.InvalidURL as exc:
         # Another attempt would ask for the same URL.
         raise PermanentError(f"{redact_url(url)}: invalid URL") from exc
@@ -273,28 +285,67 @@ async def get_small(
     limit: int,
     verify_tls: bool = True,
     cert_hint: str = CERT_HINT,
+    stall_timeout: float | None = None,
 ) -> SmallResponse:
     """``open_get`` and read the body: up to ``limit`` bytes of a 200 (more is refused),
-    the start of anything else."""
-    resp = await open_get(session, url, headers, verify_tls=verify_tls, cert_hint=cert_hint)
-    return await _read_small(resp, limit)
+    the start of anything else. ``stall_timeout``: no byte (headers or body) for that
+    long is a ``StallError``, as for blobs: a manifest GET must never hang a pull."""
+    resp = await open_get(
+        session,
+        url,
+        headers,
+        verify_tls=verify_tls,
+        cert_hint=cert_hint,
+        stall_timeout=stall_timeout,
+    )
+    return await _read_small(resp, limit, stall_timeout)
 
 
 async def post_form(
-    session: aiohttp.ClientSession, url: str, form: Mapping[str, str], *, limit: int
+    session: aiohttp.ClientSession,
+    url: str,
+    form: Mapping[str, str],
+    *,
+    limit: int,
+    stall_timeout: float | None = None,
 ) -> SmallResponse:
     """POST a form (an OAuth2 token request) and read the answer. Redirects are not
     followed: a POST's body must not be re-sent to wherever a server points."""
     try:
-        resp = await session.post(url, data=dict(form), allow_redirects=False)
+        resp = await session.post(
+            url,
+            data=dict(form),
+            allow_redirects=False,
+            timeout=_read_timeout(session, stall_timeout),
+        )
     except aiohttp.ClientConnectorCertificateError as exc:
         raise untrusted_certificate(url, exc, CERT_HINT) from exc
+    except aiohttp.ServerTimeoutError as exc:
+        raise _stalled(url, stall_timeout) from exc
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise ConnectFailedError(f"{redact_url(url)}: {describe(exc)}") from exc
-    return await _read_small(resp, limit)
+    return await _read_small(resp, limit, stall_timeout)
 
 
-async def _read_small(resp: aiohttp.ClientResponse, limit: int) -> SmallResponse:
+def _read_timeout(
+    session: aiohttp.ClientSession, stall_timeout: float | None
+) -> aiohttp.ClientTimeout | None:
+    """The session's timeouts, with a limit on the wait for each read: a small request's
+    stall watchdog (a blob's is fetch.py's own)."""
+    if not stall_timeout:
+        return None
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=session.timeout.sock_connect, sock_read=stall_timeout
+    )
+
+
+def _stalled(url: str, stall_timeout: float | None) -> StallError:
+    return StallError(f"{redact_url(url)}: stalled: no data for {stall_timeout:g} s")
+
+
+async def _read_small(
+    resp: aiohttp.ClientResponse, limit: int, stall_timeout: float | None = None
+) -> SmallResponse:
     where = redact_url(str(resp.url))
     async with resp:
         try:
@@ -302,6 +353,8 @@ async def _read_small(resp: aiohttp.ClientResponse, limit: int) -> SmallResponse
                 body = await read_limited(resp, limit)
             else:
                 body = await resp.content.read(ERROR_BODY_LIMIT)
+        except aiohttp.ServerTimeoutError as exc:
+            raise _stalled(where, stall_timeout) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionCutError(f"{where}: {describe(exc)}") from exc
         return SmallResponse(resp.status, resp.headers.copy(), body, str(resp.url))

@@ -731,7 +731,13 @@ class RegistryClient:
             }
             if service:
                 form["service"] = service
-            resp = await http.post_form(self._session, realm, form, limit=_TOKEN_LIMIT)
+            resp = await http.post_form(
+                self._session,
+                realm,
+                form,
+                limit=_TOKEN_LIMIT,
+                stall_timeout=self._config.stall_timeout,
+            )
         else:
             params = {"scope": scope}
             if service:
@@ -740,7 +746,13 @@ class RegistryClient:
             if creds and creds.username:
                 headers["Authorization"] = _basic(creds.username, creds.password)
             url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
-            resp = await http.get_small(self._session, url, headers, limit=_TOKEN_LIMIT)
+            resp = await http.get_small(
+                self._session,
+                url,
+                headers,
+                limit=_TOKEN_LIMIT,
+                stall_timeout=self._config.stall_timeout,
+            )
         where = f"token server {redact_url(realm)}"
         log.debug("token request to %s for %s: HTTP %d", redact_url(realm), scope, resp.status)
         if resp.status in (401, 403):
@@ -829,6 +841,7 @@ class RegistryClient:
                 limit=limit,
                 verify_tls=self.verify_tls(url),
                 cert_hint=_CERT_HINT,
+                stall_timeout=self._config.stall_timeout,
             )
             _check_status(resp, redact_url(url), self._clock)
             self.hosts.succeeded(host)
