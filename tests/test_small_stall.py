@@ -65,7 +65,7 @@ async def test_a_small_request_that_stalls_is_a_stall_error(
 ) -> None:
     host, _ = stalling
     async with aiohttp.ClientSession() as session:
-        with pytest.raises(StallError, match="stalled: no data for 0.3 s"):
+        with pytest.raises(StallError, match=r"stalled: no data for 0\.3 s"):
             async with asyncio.timeout(10):  # the guard of this test, not the watchdog
                 await http.get_small(
                     session, f"http://{host}{path}", {}, limit=1 << 20, stall_timeout=STALL
