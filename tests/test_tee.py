@@ -61,3 +61,12 @@ async def test_a_partial_thrown_away_starts_the_copy_again(tmp_path: Path) -> No
         assert result.stats.wire_bytes == SIZE - 100 * CHUNK + SIZE
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == sha256(DATA)[7:]
     assert temp_copies(tmp_path) == []
+
+
+async def test_the_copy_follows_even_without_checkpoints(tmp_path: Path) -> None:
+    """With checkpoints off nothing is recorded, but what is written is still readable:
+    the copy must not wait for records that never come."""
+    dest = tmp_path / "blob.bin"
+    async with serve({"b": DATA}) as srv, open_engine(tmp_path / "root", checkpoints=False) as eng:
+        await eng.fetch(f"{srv.url}/b", digest=srv.digest("b"), dest=dest)
+    assert dest.read_bytes() == DATA

@@ -674,9 +674,11 @@ class Partial:
             slab.refs += refs
         # Record the batch's chunks the moment it is written, not at the next hand-off:
         # what a crash costs is what is not yet recorded.
-        wfut.add_done_callback(functools.partial(self._on_written, slab))
+        wfut.add_done_callback(functools.partial(self._on_written, slab, at, n))
 
-    def _on_written(self, slab: _Slab | None, fut: asyncio.Future[list[_Chunk]]) -> None:
+    def _on_written(
+        self, slab: _Slab | None, at: int, n: int, fut: asyncio.Future[list[_Chunk]]
+    ) -> None:
         self._inflight.remove(fut)
         self._unref(slab)
         if fut.cancelled():
@@ -686,10 +688,10 @@ class Partial:
             self._fail(_disk_error(self._store, f"cannot write partial {self.path}", exc))
         else:
             done = fut.result()
-            for idx, _, length in done:
-                _grow(self._done, idx)
-                self._done[idx] = self._chunk_len(idx) if length is None else length
-            if done and self._growth:
+            # On disk now, recorded or not (checkpoints may be off): what a sync covers
+            # and what readers of the growing partial may have.
+            _mark(self._done, at, at + n, self.chunk_size)
+            if self._growth:
                 self._wake_readers()
             if done and self._cfg.checkpoints:
                 self._unrecorded += len(done)
