@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 from badserver import cut
 from test_helpers_core import CHUNK, make_blob, open_engine, serve, sha256
+
+from resumer.content import tee
 
 SIZE = 300 * CHUNK
 DATA = make_blob(SIZE, seed=77)
@@ -18,7 +21,10 @@ def temp_copies(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if p.name.endswith(".resumer-tmp")]
 
 
-async def test_the_copy_grows_with_the_download_and_appears_only_verified(tmp_path: Path) -> None:
+async def test_the_copy_grows_with_the_download_and_appears_only_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tee, "_STEP", 64 * 1024)  # steps smaller than this small blob
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dest = out_dir / "blob.bin"

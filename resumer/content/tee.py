@@ -30,6 +30,8 @@ from .partial import Ingest, Partial
 
 log = logging.getLogger(__name__)
 
+#: copy in steps of this many bytes (fewer hand-offs to the thread than written batches)
+_STEP = 8 << 20
 #: sync the copy every this many bytes, so the last sync has little left to write
 _SYNC_EVERY = 32 << 20
 
@@ -75,9 +77,23 @@ class Tee:
     async def _copy(self, partial: Partial, src: int) -> None:
         generation = partial.generation
         synced = self.copied
-        while (end := await partial.wait_readable(self.copied, generation)) is not None:
-            await self._off_loop(copy_range, src, self._fd, self.copied, end)
-            self.copied = end
+        while True:
+            size = partial.size
+            if size is not None and self.copied >= size:
+                pos = self.copied  # all here: wait for the commit (None) or a reset
+            else:
+                # In steps of _STEP: one hand-off per few MiB, not per written batch.
+                ahead = self.copied + _STEP
+                pos = max(self.copied, (ahead if size is None else min(ahead, size)) - 1)
+            end = await partial.wait_readable(pos, generation)
+            last = end is None
+            if end is None:
+                end = partial.readable()  # committed: the rest of a blob of unknown size
+            if end > self.copied:
+                await self._off_loop(copy_range, src, self._fd, self.copied, end)
+                self.copied = end
+            if last:
+                return
             if self.copied - synced >= _SYNC_EVERY:
                 await self._off_loop(os.fdatasync, self._fd)
                 synced = self.copied
