@@ -56,7 +56,9 @@ _UNSATISFIED = re.compile(r"^bytes\s+\*/(\d+)$")
 class Sink(Protocol):
     """Where an attempt's body goes (an ingest Partial): a map of chunks with holes."""
 
-    offset: int  # the write cursor
+    @property
+    def offset(self) -> int: ...  # the write cursor
+
     size: int | None
 
     def holes(self) -> list[tuple[int, int | None]]: ...

@@ -268,8 +268,6 @@ class Partial:
         self.size = size
         self.chunk_size = chunk_size
         self.validator = validator
-        #: the write cursor: where the next accepted byte goes (inside the open segment)
-        self.offset = 0
         self.durable = 0  # the contiguous prefix known to be written and fdatasync'd
         self.resumed_from = 0  # verified bytes found on open
         self._resumed_in_run = False  # set by mark_resumed
@@ -283,38 +281,27 @@ class Partial:
         self._acc: list[int] = []
         self._done: list[int] = []
         self._prefix_at = (0, 0)  # (chunk, bytes) of _done's whole-chunk prefix, cached
-        self._seg_start = 0  # the open segment's position up to which _acc is settled
-        self._seg_origin = 0  # where the open segment began
-        self._seg_sent_base = 0  # _sent when it began
         self._held = 0  # sum of _acc once settled
         # sha256 covers [0, _hash_pos): batches that start there are hashed as they go
         # (the hasher thread keeps their order); anything else is caught up from disk.
         self._sha: Any = hashlib.sha256()
         self._hash_pos = 0
-        # The writer thread's cursor and the chunk it is hashing with xxh3. They change
-        # only in that thread, or on the loop while nothing is in flight (begin_segment).
-        self._wpos = 0
-        self._xxh = xxhash.xxh3_64()
-        self._chunk_fill = 0
-        self._next_chunk = 0
         # Byte counts that only grow (a sync is paced by bytes, wherever they landed).
         self._written = 0  # bytes the worker thread has written
         self._sent = 0  # bytes handed to the worker threads
         self._synced = 0  # of _written, what the last finished fdatasync covered
         self._synced_request = 0  # of _written, what the last started fdatasync covers
-        self._pending: list[bytes] = []
-        self._pending_len = 0
         # one hand-off per chunk: a crash costs at most a few
         self._batch = min(chunk_size, _MAX_SLAB)
-        self._last_flush = 0.0
         # Batches handed to the writer (and the hasher) and not yet done, oldest first.
         # Several in flight keep the socket read while the threads write and hash.
         self._inflight: collections.deque[asyncio.Future[list[_Chunk]]] = collections.deque()
         self._hashing: collections.deque[asyncio.Future[None]] = collections.deque()
         self._unrecorded = 0  # chunks written whose records have not reached SQLite
-        self._slab: _Slab | None = None
-        self._free_slabs: list[_Slab] = []
-        self._nslabs = 0
+        #: the streams writing into holes: the main one (``write``/``begin_segment``),
+        #: and those of a parallel attempt (``open_segment``)
+        self._main = Segment(self, 0, None)
+        self._segments: list[Segment] = [self._main]
         #: called once at the next completion (room for a read, a send, or an error)
         self._waiters: list[Callable[[], None]] = []
         self._sync_fut: asyncio.Future[None] | None = None
@@ -371,11 +358,12 @@ class Partial:
         self.durable = prefix
         self._fd = await loop.run_in_executor(self._writer_pool, _open_partial, self.path)
         self.ingest.open_partials.add(self)
-        self._last_flush = self._last_sync = self._clock.monotonic()
+        self._last_sync = self._clock.monotonic()
         self._recorder = asyncio.create_task(self._record_loop(), name=f"record {self.key}")
         holes = self.holes()
         first = holes[0][0] if holes else held
-        await self._seek(first)
+        self._segments.remove(self._main)
+        self._main = await self._new_segment(first, None)
         return Reopened(held, found.discarded, found.reason, found.discards, len(holes))
 
     # --- the chunk map -----------------------------------------------------------------
@@ -400,18 +388,20 @@ class Partial:
             return self.chunk_size
         return max(0, min(self.chunk_size, self.size - idx * self.chunk_size))
 
+    @property
+    def offset(self) -> int:
+        """The main stream's write cursor: where its next accepted byte goes."""
+        return self._main.offset
+
     def _settle(self) -> None:
-        """Book the open segment's accepted bytes into the chunk map."""
-        start, end = self._seg_start, self.offset
-        if end > start:
-            _mark(self._acc, start, end, self.chunk_size)
-            self._held += end - start
-        self._seg_start = end
+        """Book every stream's accepted bytes into the chunk map."""
+        for seg in self._segments:
+            seg.settle()
 
     @property
     def held(self) -> int:
         """Bytes present (verified on open, or accepted since), wherever they are."""
-        return self._held + self.offset - self._seg_start
+        return self._held + sum(seg.offset - seg.settled for seg in self._segments)
 
     def holes(self) -> list[Span]:
         """The byte ranges still to fetch, in order; the last may end where the blob does
@@ -420,41 +410,55 @@ class Partial:
         return _holes(self._acc, self.chunk_size, self.size)
 
     async def begin_segment(self, start: int) -> None:
-        """Write the next accepted bytes from ``start`` (the beginning of a hole).
+        """Write the main stream's next accepted bytes from ``start`` (a hole's start).
 
-        Everything accepted before is written out first: the writer's cursor and its
-        per-chunk hash move only while nothing is in flight.
+        Everything accepted before is written out first: a stream's cursor and its
+        per-chunk hash move only while nothing of it is in flight.
         """
         self._settle()
         if start == self.offset:
             return
         await self.flush()
-        await self._seek(start)
+        self._segments.remove(self._main)
+        self._main = await self._new_segment(start, None)
 
-    async def _seek(self, start: int) -> None:
-        """Move every cursor to ``start``, with nothing in flight."""
+    async def open_segment(self, start: int, end: int) -> Segment:
+        """A stream of its own for ``[start, end)`` (a parallel attempt's connection),
+        beside the others; ``close_segment`` when it is done."""
+        return await self._new_segment(start, end)
+
+    async def close_segment(self, seg: Segment) -> None:
+        """Hand on what ``seg`` gathered and book it; its stream ends (its writes may
+        still be in flight: ``flush`` waits for those)."""
+        try:
+            await seg.hand_off()
+        finally:
+            seg.settle()
+            if seg in self._segments and seg is not self._main:
+                self._segments.remove(seg)
+
+    async def _new_segment(self, start: int, end: int | None) -> Segment:
         cs = self.chunk_size
         idx, fill = divmod(start, cs)
+        self._settle()
         have = self._acc[idx] if idx < len(self._acc) else 0
         if fill and have < fill:
             raise TransferError(f"{self.key}: cannot write at {start}: the chunk before is a hole")
-        self._settle()
-        self.offset = self._seg_start = self._seg_origin = self._wpos = start
-        self._seg_sent_base = self._sent
-        self._next_chunk, self._chunk_fill = idx, fill
-        self._xxh.reset()
+        seg = Segment(self, start, end)
         loop = asyncio.get_running_loop()
         if fill:
             # Carry on the xxh3 of the chunk whose first bytes are already here.
             head = await loop.run_in_executor(
                 self._writer_pool, _read_range, self.path, idx * cs, fill
             )
-            self._xxh.update(head)
-        if self._hash_pos < start:
+            seg.xxh.update(head)
+        if self._hash_pos < start and len(self._segments) <= 1:
             await self._catch_up_sha(start)
-        end = self.size
-        if end is not None and end > start:
-            await loop.run_in_executor(self._writer_pool, _preallocate, self._fd, start, end)
+        stop = end if end is not None else self.size
+        if stop is not None and stop > start:
+            await loop.run_in_executor(self._writer_pool, _preallocate, self._fd, start, stop)
+        self._segments.append(seg)
+        return seg
 
     async def _catch_up_sha(self, limit: int | None) -> None:
         """Feed sha256 from disk with the chunks present after its position, up to a hole
@@ -556,29 +560,12 @@ class Partial:
     # offset, ≤ _MAX_SLABS slabs of memory.
 
     async def write(self, data: bytes) -> None:
-        """Append ``data``; it reaches the worker threads in batches of ≥ one chunk."""
-        slab = self._slab
-        if slab is not None and slab.sent < slab.fill:
-            await self._hand_off()  # bytes of a direct phase go first
-        self._pending.append(data)
-        self._pending_len += len(data)
-        self.offset += len(data)
-        if self.ingest.observer is not None:
-            self.ingest.observer(self.key, self.offset)
-        if self._pending_len >= self._batch or (
-            self._clock.monotonic() - self._last_flush >= _HANDOFF_SECONDS
-        ):
-            await self._hand_off()
+        """Append ``data`` to the main stream (see ``Segment.write``)."""
+        await self._main.write(data)
 
     async def _hand_off(self) -> None:
-        slab = self._slab
-        if slab is not None and slab.sent < slab.fill:
-            await self._wait_until(self._can_send)
-            self._send_slab(slab)
-        if self._pending:
-            await self._wait_until(self._can_send)
-            batch, self._pending, self._pending_len = self._pending, [], 0
-            self._submit(batch, None)
+        for seg in list(self._segments):
+            await seg.hand_off()
 
     async def _wait_until(self, ready: Callable[[], bool]) -> None:
         loop = asyncio.get_running_loop()
@@ -596,88 +583,45 @@ class Partial:
     # direct path: network reads land in slabs -------------------------------------------
 
     async def begin_direct(self) -> None:
-        """Hand off gathered pieces, so bytes received directly come after them."""
-        await self._hand_off()
+        await self._main.begin_direct()
 
     def recv_buffer(self, limit: int) -> memoryview:
-        """Where the next network read of at most ``limit`` bytes lands (``room()`` first)."""
-        slab = self._slab
-        if slab is None or slab.fill == len(slab.buf):
-            slab = self._next_slab()
-        end = slab.fill + min(limit, _RECV_MAX, len(slab.buf) - slab.fill)
-        return slab.view[slab.fill : end]
+        return self._main.recv_buffer(limit)
 
     def received(self, n: int) -> None:
-        """``n`` bytes landed in the buffer ``recv_buffer`` gave; raises a write error."""
-        self._raise_error()
-        slab = self._slab
-        assert slab is not None
-        slab.fill += n
-        self.offset += n
-        if self.ingest.observer is not None:
-            self.ingest.observer(self.key, self.offset)
-        if (
-            slab.fill == len(slab.buf)
-            or self._clock.monotonic() - self._last_flush >= _HANDOFF_SECONDS
-        ) and self._can_send():
-            self._send_slab(slab)
+        self._main.received(n)
 
     def room(self) -> bool:
-        """Whether another network read can be taken now (else wait for ``on_room``)."""
-        if self._record_error is not None:
-            return True  # let the reader call received() and meet the error
-        slab = self._slab
-        if slab is not None:
-            if slab.fill < len(slab.buf):
-                return True
-            if slab.sent < slab.fill:
-                return False  # the full slab waits for the writer; _pump hands it on
-            if slab.refs == 0:
-                return True
-        return bool(self._free_slabs) or self._nslabs < _MAX_SLABS
+        return self._main.room()
 
     def on_room(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once, at the next completion (it re-checks ``room()``)."""
         self._waiters.append(callback)
-
-    def _next_slab(self) -> _Slab:
-        old = self._slab
-        if old is not None and old.refs == 0:
-            slab = old  # written and hashed already: reuse it while its pages are warm
-        elif self._free_slabs:
-            slab = self._free_slabs.pop()
-        else:
-            slab = _Slab(self._batch)
-            self._nslabs += 1
-        # An old slab still being written returns to the free list in _unref.
-        slab.fill = slab.sent = 0
-        self._slab = slab
-        return slab
-
-    def _send_slab(self, slab: _Slab) -> None:
-        region = slab.view[slab.sent : slab.fill]
-        slab.sent = slab.fill
-        self._submit([region], slab)
 
     # the pipeline ---------------------------------------------------------------------
 
     def _can_send(self) -> bool:
-        if len(self._inflight) >= _MAX_INFLIGHT or self._unrecorded >= _MAX_UNRECORDED:
+        streams = len(self._segments)
+        if len(self._inflight) >= _MAX_INFLIGHT + streams - 1:
+            return False
+        if self._unrecorded >= _MAX_UNRECORDED + streams - 1:
             return False
         if not self._cfg.checkpoints:
             return True
         # Bound what a power cut can cost: never run far ahead of the disk.
         return self._sent - self._synced < _MAX_SYNC_LAG * self.ingest.sync_interval()
 
-    def _submit(self, views: Sequence[bytes | memoryview], slab: _Slab | None) -> None:
+    def _submit(
+        self, seg: Segment, views: Sequence[bytes | memoryview], slab: _Slab | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         n = sum(len(v) for v in views)
-        # Batches leave in order from the segment's cursor: this one starts where the
-        # ones handed on before it end.
-        at = self._seg_origin + self._sent - self._seg_sent_base
+        # A stream's batches leave in order from its cursor: this one starts where the
+        # ones it handed on before end.
+        at = seg.start + seg.sent
+        seg.sent += n
         self._sent += n
-        self._last_flush = self._clock.monotonic()
-        wfut = loop.run_in_executor(self._writer_pool, self._write_batch, views, n)
+        seg.last_flush = self._clock.monotonic()
+        wfut = loop.run_in_executor(self._writer_pool, self._write_batch, seg, views, n)
         self._inflight.append(wfut)
         refs = 1
         if at == self._hash_pos:
@@ -685,19 +629,24 @@ class Partial:
             self._hash_pos += n
             hfut = loop.run_in_executor(self._hash_pool, _hash_views, self._sha, views)
             self._hashing.append(hfut)
-            hfut.add_done_callback(functools.partial(self._on_hashed, slab))
+            hfut.add_done_callback(functools.partial(self._on_hashed, seg, slab))
             refs = 2
         if slab is not None:
             slab.refs += refs
         # Record the batch's chunks the moment it is written, not at the next hand-off:
         # what a crash costs is what is not yet recorded.
-        wfut.add_done_callback(functools.partial(self._on_written, slab, at, n))
+        wfut.add_done_callback(functools.partial(self._on_written, seg, slab, at, n))
 
     def _on_written(
-        self, slab: _Slab | None, at: int, n: int, fut: asyncio.Future[list[_Chunk]]
+        self,
+        seg: Segment,
+        slab: _Slab | None,
+        at: int,
+        n: int,
+        fut: asyncio.Future[list[_Chunk]],
     ) -> None:
         self._inflight.remove(fut)
-        self._unref(slab)
+        seg.unref(slab)
         if fut.cancelled():
             return
         exc = fut.exception()
@@ -716,29 +665,23 @@ class Partial:
             self._maybe_sync()
         self._pump()
 
-    def _on_hashed(self, slab: _Slab | None, fut: asyncio.Future[None]) -> None:
+    def _on_hashed(self, seg: Segment, slab: _Slab | None, fut: asyncio.Future[None]) -> None:
         self._hashing.remove(fut)
-        self._unref(slab)
+        seg.unref(slab)
         if not fut.cancelled() and fut.exception() is not None:
             self._fail(StoreError(f"partial {self.path}: hashing failed: {fut.exception()}"))
         self._pump()
-
-    def _unref(self, slab: _Slab | None) -> None:
-        if slab is None:
-            return
-        slab.refs -= 1
-        if slab.refs == 0 and slab is not self._slab:
-            self._free_slabs.append(slab)
 
     def _fail(self, exc: BaseException) -> None:
         if self._record_error is None:
             self._record_error = exc
 
     def _pump(self) -> None:
-        """After a completion: hand on a full slab that waited, wake whoever waits."""
-        slab = self._slab
-        if slab is not None and slab.sent < slab.fill == len(slab.buf) and self._can_send():
-            self._send_slab(slab)
+        """After a completion: hand on full slabs that waited, wake whoever waits."""
+        for seg in self._segments:
+            slab = seg.slab
+            if slab is not None and slab.sent < slab.fill == len(slab.buf) and self._can_send():
+                seg.send_slab(slab)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for wake in waiters:
@@ -807,45 +750,48 @@ class Partial:
             self._unrecorded -= len(chunks)
             self._pump()
 
-    def _write_batch(self, batch: Sequence[bytes | memoryview], total: int) -> list[_Chunk]:
-        """Writer thread: write at the cursor, hash each chunk with xxh3, report chunks."""
+    def _write_batch(
+        self, seg: Segment, batch: Sequence[bytes | memoryview], total: int
+    ) -> list[_Chunk]:
+        """Writer thread: write at the stream's cursor, hash each chunk with xxh3, report
+        chunks. One thread for every stream keeps each stream's batches in order."""
         fd = self._fd
         if self._store.disk_full:
             # Another write found the disk full: what space is left (the released
             # reserve) is for recording that, not for more partial data.
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         views = list(batch)
-        pos = self._wpos
+        pos = seg.wpos
         while views:
             n = os.pwritev(fd, views, pos)
             pos += n
             if n == sum(len(v) for v in views):
                 break
             views = _advance(views, n)
-        self._wpos = pos
-        xxh = self._xxh
+        seg.wpos = pos
+        xxh = seg.xxh
         done: list[_Chunk] = []
         if self._cfg.checkpoints:
-            clen = self._chunk_len(self._next_chunk)
+            clen = self._chunk_len(seg.next_chunk)
             for piece in batch:
                 mv = memoryview(piece)
                 while mv:
-                    take = min(len(mv), clen - self._chunk_fill)
+                    take = min(len(mv), clen - seg.chunk_fill)
                     xxh.update(mv[:take])
-                    self._chunk_fill += take
+                    seg.chunk_fill += take
                     mv = mv[take:]
-                    if self._chunk_fill == clen:
+                    if seg.chunk_fill == clen:
                         # A whole chunk; the blob's last, short one says its length.
                         length = None if clen == self.chunk_size else clen
-                        done.append((self._next_chunk, to_signed(xxh.intdigest()), length))
+                        done.append((seg.next_chunk, to_signed(xxh.intdigest()), length))
                         xxh.reset()
-                        self._next_chunk += 1
-                        self._chunk_fill = 0
-                        clen = self._chunk_len(self._next_chunk)
-            if self._chunk_fill:
+                        seg.next_chunk += 1
+                        seg.chunk_fill = 0
+                        clen = self._chunk_len(seg.next_chunk)
+            if seg.chunk_fill:
                 # The unfinished chunk's prefix, as written so far: a kill keeps it (reopen
                 # verifies it like any chunk). The whole chunk's record replaces it later.
-                done.append((self._next_chunk, to_signed(xxh.intdigest()), self._chunk_fill))
+                done.append((seg.next_chunk, to_signed(xxh.intdigest()), seg.chunk_fill))
         self._written += total
         return done
 
@@ -876,10 +822,8 @@ class Partial:
         self._acc, self._done = [], []
         self._prefix_at = (0, 0)
         self._held = self.durable = 0
-        self.offset = self._seg_start = self._seg_origin = self._wpos = 0
-        self._seg_sent_base = self._sent
-        self._xxh.reset()
-        self._next_chunk = self._chunk_fill = 0
+        self._main = Segment(self, 0, None)
+        self._segments = [self._main]
         # From here the content starts at byte zero: a later mismatch is not a resume's.
         self.resumed_from = 0
         self._resumed_in_run = False
@@ -991,6 +935,140 @@ class Partial:
     def mark_resumed(self) -> None:
         """An attempt in this run continued from an offset > 0 (Docker's mismatch rule)."""
         self._resumed_in_run = True
+
+
+class Segment:
+    """One stream of bytes into a partial: from ``start``, in order, up to ``end`` (None:
+    the blob's end). The main stream (``Partial.write``) is one; a parallel attempt opens
+    one per connection (``Partial.open_segment``). Each gathers its own batches and slabs
+    and keeps its own writer-thread cursor and per-chunk xxh3; the partial's one pipeline
+    (writer, hasher, records, syncs) serves them all.
+
+    ``end`` may shrink while the stream runs: another connection took the rest of it.
+    """
+
+    def __init__(self, partial: Partial, start: int, end: int | None) -> None:
+        self.p = partial
+        self.start = start
+        self.end = end
+        self.offset = start  # bytes accepted up to here
+        self.settled = start  # booked into the partial's chunk map up to here
+        self.sent = 0  # bytes of this stream handed to the worker threads
+        self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.last_flush = partial._clock.monotonic()
+        self.slab: _Slab | None = None
+        self.free_slabs: list[_Slab] = []
+        self.nslabs = 0
+        # The writer thread's cursor and the chunk it is hashing with xxh3: they change
+        # only in that thread (a stream's batches reach it in order).
+        self.wpos = start
+        self.xxh = xxhash.xxh3_64()
+        self.next_chunk, self.chunk_fill = divmod(start, partial.chunk_size)
+
+    def settle(self) -> None:
+        """Book the accepted bytes into the partial's chunk map."""
+        start, end = self.settled, self.offset
+        if end > start:
+            _mark(self.p._acc, start, end, self.p.chunk_size)
+            self.p._held += end - start
+        self.settled = end
+
+    def unref(self, slab: _Slab | None) -> None:
+        if slab is None:
+            return
+        slab.refs -= 1
+        if slab.refs == 0 and slab is not self.slab:
+            self.free_slabs.append(slab)
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; it reaches the worker threads in batches of ≥ one chunk."""
+        slab = self.slab
+        if slab is not None and slab.sent < slab.fill:
+            await self.hand_off()  # bytes of a direct phase go first
+        self.pending.append(data)
+        self.pending_len += len(data)
+        self.offset += len(data)
+        if self.p.ingest.observer is not None:
+            self.p.ingest.observer(self.p.key, self.offset)
+        if self.pending_len >= self.p._batch or (
+            self.p._clock.monotonic() - self.last_flush >= _HANDOFF_SECONDS
+        ):
+            await self.hand_off()
+
+    async def hand_off(self) -> None:
+        slab = self.slab
+        if slab is not None and slab.sent < slab.fill:
+            await self.p._wait_until(self.p._can_send)
+            self.send_slab(slab)
+        if self.pending:
+            await self.p._wait_until(self.p._can_send)
+            batch, self.pending, self.pending_len = self.pending, [], 0
+            self.p._submit(self, batch, None)
+
+    async def begin_direct(self) -> None:
+        """Hand off gathered pieces, so bytes received directly come after them."""
+        await self.hand_off()
+
+    def recv_buffer(self, limit: int) -> memoryview:
+        """Where the next network read of at most ``limit`` bytes lands (``room()`` first)."""
+        slab = self.slab
+        if slab is None or slab.fill == len(slab.buf):
+            slab = self._next_slab()
+        end = slab.fill + min(limit, _RECV_MAX, len(slab.buf) - slab.fill)
+        return slab.view[slab.fill : end]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes landed in the buffer ``recv_buffer`` gave; raises a write error."""
+        self.p._raise_error()
+        slab = self.slab
+        assert slab is not None
+        slab.fill += n
+        self.offset += n
+        if self.p.ingest.observer is not None:
+            self.p.ingest.observer(self.p.key, self.offset)
+        if (
+            slab.fill == len(slab.buf)
+            or self.p._clock.monotonic() - self.last_flush >= _HANDOFF_SECONDS
+        ) and self.p._can_send():
+            self.send_slab(slab)
+
+    def room(self) -> bool:
+        """Whether another network read can be taken now (else wait for ``on_room``)."""
+        if self.p._record_error is not None:
+            return True  # let the reader call received() and meet the error
+        slab = self.slab
+        if slab is not None:
+            if slab.fill < len(slab.buf):
+                return True
+            if slab.sent < slab.fill:
+                return False  # the full slab waits for the writer; _pump hands it on
+            if slab.refs == 0:
+                return True
+        return bool(self.free_slabs) or self.nslabs < _MAX_SLABS
+
+    def on_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, at the next completion (it re-checks ``room()``)."""
+        self.p._waiters.append(callback)
+
+    def _next_slab(self) -> _Slab:
+        old = self.slab
+        if old is not None and old.refs == 0:
+            slab = old  # written and hashed already: reuse it while its pages are warm
+        elif self.free_slabs:
+            slab = self.free_slabs.pop()
+        else:
+            slab = _Slab(self.p._batch)
+            self.nslabs += 1
+        # An old slab still being written returns to the free list in _unref.
+        slab.fill = slab.sent = 0
+        self.slab = slab
+        return slab
+
+    def send_slab(self, slab: _Slab) -> None:
+        region = slab.view[slab.sent : slab.fill]
+        slab.sent = slab.fill
+        self.p._submit(self, [region], slab)
 
 
 def _disk_error(store: Store, doing: str, exc: BaseException) -> StoreError:
