@@ -53,6 +53,12 @@ def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
     if transfer:
         p.add_argument("--max-download-attempts", type=int, metavar="N")
         p.add_argument("--max-concurrent-downloads", type=int, metavar="N")
+        p.add_argument(
+            "--max-connections-per-blob",
+            type=int,
+            metavar="K",
+            help="connections per blob, each a Range of its holes (default 1)",
+        )
         p.add_argument("--retry-delay", type=float, metavar="SECONDS")
         p.add_argument("--stall-timeout", type=float, metavar="SECONDS")
         p.add_argument("--low-speed-limit", type=int, metavar="BYTES_PER_S")
@@ -228,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         for k in (
             "max_download_attempts",
             "max_concurrent_downloads",
+            "max_connections_per_blob",
             "retry_delay",
             "stall_timeout",
             "low_speed_limit",

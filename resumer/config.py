@@ -39,6 +39,12 @@ class Config:
 
     max_download_attempts: int = 5
     max_concurrent_downloads: int = 3
+    #: connections per blob, each a bounded Range of its holes (1: one stream, as docker)
+    max_connections_per_blob: int = 1
+    #: a range smaller than this is never split off (aria2's min-split-size)
+    min_segment_size: int = 4 * MiB
+    #: extra connections (beyond one per transfer) of the whole process, at most
+    max_extra_connections: int = 16
     retry_delay: float = 5.0
     stall_timeout: float = 30.0
     #: bytes/s; an attempt slower than this for low_speed_time seconds is a stall (0 = off)
@@ -68,6 +74,19 @@ class Config:
             raise ConfigError(
                 f"max-concurrent-downloads must be at least 1, got {self.max_concurrent_downloads}"
             )
+        if not 1 <= self.max_connections_per_blob <= 16:
+            raise ConfigError(
+                f"max-connections-per-blob must be 1 to 16, got {self.max_connections_per_blob}"
+            )
+        if self.min_segment_size < self.chunk_size:
+            raise ConfigError(
+                f"min-segment-size must be at least the chunk size ({self.chunk_size}), "
+                f"got {self.min_segment_size}"
+            )
+        if self.max_extra_connections < 0:
+            raise ConfigError(
+                f"max-extra-connections must not be negative, got {self.max_extra_connections}"
+            )
         for name in _FLOAT_FIELDS:
             _check_seconds(name.replace("_", "-"), getattr(self, name))
         if self.low_speed_limit < 0:
@@ -93,6 +112,8 @@ class Config:
 _FILE_KEYS = {
     "max-download-attempts": "max_download_attempts",
     "max-concurrent-downloads": "max_concurrent_downloads",
+    "max-connections-per-blob": "max_connections_per_blob",
+    "min-segment-size": "min_segment_size",
     "registry-mirrors": "registry_mirrors",
     "insecure-registries": "insecure_registries",
     "retry-delay": "retry_delay",
@@ -108,7 +129,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 #: every float option is a number of seconds: finite, ≥ 0, at most MAX_SECONDS
 _FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.type == "float")
 #: options given as sizes (parse_size), with the least each may be set to by a user
-_SIZE_MINIMUMS = {"partial_budget_bytes": MIN_PARTIAL_BUDGET}
+_SIZE_MINIMUMS = {"partial_budget_bytes": MIN_PARTIAL_BUDGET, "min_segment_size": 4096}
 #: the command-line flag of an option whose flag is not ``--<file key>``
 _FLAG_NAMES = {"partial_budget_bytes": "--partial-budget"}
 

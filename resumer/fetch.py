@@ -31,12 +31,12 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from . import http
+from . import http, segments
 from .clock import Clock
 from .errors import (
     BrokenServerError,
@@ -45,6 +45,7 @@ from .errors import (
     StallError,
     TransferError,
 )
+from .segments import Segment
 from .source import Endpoint, redact_url
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,18 @@ class DirectSink(Sink, Protocol):
     def room(self) -> bool: ...
 
     def on_room(self, callback: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
+class SegmentedSink(Sink, Protocol):
+    """A sink that takes several streams at once (a partial: ``open_segment``)."""
+
+    key: str
+    chunk_size: int
+
+    async def open_segment(self, start: int, end: int | None) -> Any: ...
+
+    async def close_segment(self, seg: Any) -> None: ...
 
 
 #: RESUMER_DIRECT_BODY=0 reads bodies through aiohttp's StreamReader only (for comparison)
@@ -143,15 +156,35 @@ async def attempt(
     clock: Clock,
     on_bytes: _Progress | None = None,
     out: Outcome | None = None,
+    connections: int = 1,
+    min_segment: int = 4 << 20,
+    slots: asyncio.Semaphore | None = None,
 ) -> Outcome:
     """One attempt. Never raises for transfer problems: see ``Outcome.error``.
 
     ``out``, if given, is filled as the bytes arrive (the caller may read it meanwhile).
+    ``connections`` > 1 fills the holes over that many connections (``segments.py``)
+    when the sink is a partial; ``slots`` caps the extra connections of the process.
     """
     if out is None:
         out = Outcome(host=endpoint.host or urlsplit(endpoint.url).netloc)
     out.host = out.host or endpoint.host or urlsplit(endpoint.url).netloc
     out.start_offset = sink.offset
+    if connections > 1 and isinstance(sink, SegmentedSink):
+        await _parallel(
+            session,
+            endpoint,
+            sink,
+            out,
+            validator,
+            stall,
+            clock,
+            on_bytes,
+            connections,
+            min_segment,
+            slots,
+        )
+        return out
     watchdog = _Watchdog(stall)
     body = asyncio.create_task(
         _attempt(session, endpoint, sink, out, size, validator, watchdog, clock, on_bytes)
@@ -169,6 +202,162 @@ async def attempt(
     finally:
         watchdog.stop()
     return out
+
+
+async def _parallel(
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    partial: SegmentedSink,
+    out: Outcome,
+    validator: str | None,
+    stall: StallPolicy,
+    clock: Clock,
+    on_bytes: _Progress | None,
+    connections: int,
+    min_segment: int,
+    slots: asyncio.Semaphore | None,
+) -> None:
+    async def request(seg: Segment, plan: segments.Plan) -> int | None:
+        watchdog = _Watchdog(stall)
+        body = asyncio.create_task(
+            _segment_request(
+                session, endpoint, seg, plan, out, validator, watchdog, clock, on_bytes
+            )
+        )
+        watchdog.task = body
+        try:
+            return await body
+        except asyncio.CancelledError:
+            if not watchdog.stalled or _current_cancelling():
+                raise
+            raise StallError(f"{redact_url(endpoint.url)}: {watchdog.stalled}") from None
+        finally:
+            watchdog.stop()
+
+    try:
+        await segments.run(
+            partial,
+            connections=connections,
+            min_segment=min_segment,
+            slots=slots,
+            request=request,
+            where=redact_url(endpoint.url),
+        )
+    except TransferError as exc:
+        out.error = exc
+        return
+    out.complete = True
+
+
+async def _segment_request(
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    seg: Segment,
+    plan: segments.Plan,
+    out: Outcome,
+    validator: str | None,
+    watchdog: _Watchdog,
+    clock: Clock,
+    on_bytes: _Progress | None,
+) -> int | None:
+    """GET one segment's range into it: the bytes kept, or None for a 200 to a range not
+    from 0 (closed unread: the host ignores Range, the range goes back).
+
+    The range is bounded (``bytes=A-B``) and the 206 must match both ends. Only the first
+    range of a blob whose size is not known yet is open (``bytes=A-``): its 206 says the
+    size, and then the others may start.
+    """
+    partial = plan.partial
+    start, asked = seg.start, seg.end
+    headers = dict(endpoint.headers)
+    headers["Accept-Encoding"] = "identity"
+    headers["Range"] = f"bytes={start}-{'' if asked is None else asked - 1}"
+    if validator:
+        headers["If-Range"] = validator
+    out.requests += 1
+    resp = await _open(session, endpoint.url, headers, verify_tls=endpoint.verify_tls)
+    try:
+        where = redact_url(str(resp.url))
+        out.status = resp.status
+        if resp.status == 416:
+            raise RangeRestartError(f"{where}: 416 for {headers['Range']}", status=416)
+        error = http.status_error(resp.status, where, resp.headers, clock)
+        if error is not None:
+            raise error
+        new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        if resp.status == 200:
+            out.range_ignored = True
+            plan.single = True  # one connection from here: no split, no new one
+            if start != 0:
+                return None
+            length = resp.content_length
+            if partial.size is None and length is not None:
+                await partial.set_validator(validator or new_validator, length)
+                seg.end = asked = length
+        else:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            total = None if m is None or m.group(3) == "*" else int(m.group(3))
+            last = None if m is None else int(m.group(2)) + 1
+            if (
+                m is None
+                or int(m.group(1)) != start
+                or (asked is not None and last != asked)
+                or (partial.size is not None and total != partial.size)
+            ):
+                raise BrokenServerError(
+                    f"{where}: asked for {headers['Range']}, got Content-Range "
+                    f"{resp.headers.get('Content-Range')!r}",
+                    status=206,
+                )
+            if partial.size is None and total is not None:
+                await partial.set_validator(validator or new_validator, total)
+            if asked is None:
+                seg.end = asked = last
+            plan.proven.set()
+        kept = 0
+
+        def limit() -> int | None:
+            return seg.end if seg.end is not None else asked
+
+        async def take(data: bytes) -> None:
+            nonlocal kept
+            n = len(data)
+            out.wire_bytes += n
+            watchdog.progress(n)
+            stop = limit()
+            keep = n if stop is None else max(0, min(n, stop - seg.offset))
+            if keep:
+                await seg.write(data if keep == n else data[:keep])
+                out.kept_bytes += keep
+                kept += keep
+                if on_bytes is not None:
+                    on_bytes(seg.offset)
+            if keep < n:
+                # Past the end: another connection took the rest of the range meanwhile.
+                shrunk = stop is not None and asked is not None and stop < asked
+                out.discard(n - keep, "segment-overlap" if shrunk else "overlong-body")
+
+        content = resp.content
+        while (stop := limit()) is None or seg.offset < stop:
+            try:
+                data, _ = await content.readchunk()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                for piece in _salvage(content):
+                    await take(piece)
+                if watchdog.stalled:
+                    raise StallError(f"{where}: {watchdog.stalled}") from exc
+                raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {seg.offset}") from exc
+            if not data:
+                break
+            await take(data)
+        if watchdog.stalled:
+            raise StallError(f"{where}: {watchdog.stalled}")
+        stop = limit()
+        if stop is not None and seg.offset < stop:
+            raise ConnectionCutError(f"{where}: connection closed at byte {seg.offset} of {stop}")
+        return kept
+    finally:
+        resp.close()
 
 
 class _Progress(Protocol):
@@ -623,7 +812,7 @@ class _Watchdog:
     def __init__(self, policy: StallPolicy) -> None:
         self.policy = policy
         self.stalled: str | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
         self._window_start = self._last

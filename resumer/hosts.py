@@ -105,6 +105,11 @@ class HostHealth:
             ),
         )
 
+    def ignores_range(self, host: str) -> bool:
+        """Whether ``host`` lately answered a resumed request with the whole blob."""
+        self._forget_old()
+        return host in self._ignores_range
+
     def is_demoted(self, host: str) -> bool:
         """Whether ``host`` failed to connect lately (for logs and tests)."""
         self._forget_old()

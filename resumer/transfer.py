@@ -93,6 +93,11 @@ class TransferContext:
     hosts: HostHealth
     #: The pull for attempts whose request names none (``BlobRequest.pull_id`` wins).
     pull_id: int | None = None
+    #: extra connections of parallel attempts, for the whole process (set in __post_init__)
+    connection_slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connection_slots = asyncio.Semaphore(self.config.max_extra_connections)
 
 
 def _existing(ctx: TransferContext, req: BlobRequest) -> BlobResult | None:
@@ -152,10 +157,10 @@ class _Transfer:
                 out, path = await self._attempt(endpoint)
                 err = out.error
                 verdict = None
+                _note_host(self.ctx.hosts, endpoint.host, out, err)
                 if path is None:
                     assert err is not None
                     log.info("%s: attempt %d failed: %s", req.key, policy.attempts, err)
-                    _note_host(self.ctx.hosts, endpoint.host, out, err)
                     verdict = policy.after_failure(err, kept_bytes=out.kept_bytes)
                     if verdict.action is Action.RESTART and partial.held:
                         # Not the server's object (a 416 below its size): from zero.
@@ -215,6 +220,12 @@ class _Transfer:
                 clock=self.clock,
                 on_bytes=self._on_bytes,
                 out=out,
+                # One connection to a host that ignores Range (DESIGN.md).
+                connections=1
+                if self.ctx.hosts.ignores_range(endpoint.host)
+                else self.ctx.config.max_connections_per_blob,
+                min_segment=self.ctx.config.min_segment_size,
+                slots=self.ctx.connection_slots,
             )
             await partial.flush()
         finally:
@@ -342,7 +353,7 @@ def _pick(hosts: HostHealth, endpoints: list[Endpoint]) -> Endpoint:
     return hosts.order(endpoints)[0]
 
 
-def _note_host(hosts: HostHealth, host: str, out: Outcome, err: TransferError) -> None:
+def _note_host(hosts: HostHealth, host: str, out: Outcome, err: TransferError | None) -> None:
     """Tell the shared host record what this attempt learned about ``host``."""
     if out.range_ignored:
         hosts.range_ignored(host)

@@ -422,7 +422,7 @@ class Partial:
         self._segments.remove(self._main)
         self._main = await self._new_segment(start, None)
 
-    async def open_segment(self, start: int, end: int) -> Segment:
+    async def open_segment(self, start: int, end: int | None) -> Segment:
         """A stream of its own for ``[start, end)`` (a parallel attempt's connection),
         beside the others; ``close_segment`` when it is done."""
         return await self._new_segment(start, end)
@@ -463,18 +463,26 @@ class Partial:
     async def _catch_up_sha(self, limit: int | None) -> None:
         """Feed sha256 from disk with the chunks present after its position, up to a hole
         or ``limit``: what was written out of order (a repaired hole's neighbours)."""
-        self._settle()
-        end = _prefix(self._acc, self.chunk_size, self.size)
-        if limit is not None:
-            end = min(end, limit)
-        if end <= self._hash_pos:
-            return
-        await self._drain_hashing()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._hash_pool, _hash_range, self._sha, self.path, self._hash_pos, end
-        )
-        self._hash_pos = end
+        start = self._hash_pos
+        if start < 0:
+            return  # another catch-up is running
+        # No batch is hashed from memory meanwhile: with other streams still writing,
+        # one that starts at the old position would be hashed twice.
+        self._hash_pos = -1
+        try:
+            await self._drain_hashing()
+            # What is on disk now, not what was accepted: another stream's bytes may
+            # still wait in its buffers.
+            end = self._done_prefix()
+            if limit is not None:
+                end = min(end, limit)
+            if end > start:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._hash_pool, _hash_range, self._sha, self.path, start, end
+                )
+                start = end
+        finally:
+            self._hash_pos = start
 
     # --- readers of a growing partial ----------------------------------------------------
 
