@@ -83,8 +83,7 @@ class Plan:
         assert size is not None
         spans = [(a, size if b is None else b) for a, b in self.partial.holes()]
         taken = sorted(
-            [(s.offset, s.end if s.end is not None else size) for s in self.active]
-            + self.opening
+            [(s.offset, s.end if s.end is not None else size) for s in self.active] + self.opening
         )
         out: list[tuple[int, int]] = []
         for a, b in spans:
@@ -176,8 +175,12 @@ async def run(
                 errors.append(exc)
                 return
             finally:
-                plan.active.remove(seg)
-                await partial.close_segment(seg)
+                # Closed (its bytes handed on) before its range looks free: the next
+                # stream there may start mid-chunk, after those bytes.
+                try:
+                    await partial.close_segment(seg)
+                finally:
+                    plan.active.remove(seg)
             if kept is None:  # a 200 to a range not from 0: handed back
                 plan.give_back(start, end)
                 return

@@ -268,6 +268,64 @@ def test_damage_after_a_crash_costs_only_the_damaged_chunks(
     assert sum(r.body_bytes for r in srv.requests[n_requests:]) == needed
 
 
+#: damage in the middle of a partial: a flipped byte, or a torn write of up to 3 chunks
+local_damage = st.one_of(
+    st.tuples(st.just("flip"), st.floats(0, 1)),
+    st.tuples(st.just("zero-range"), st.tuples(st.floats(0, 1), st.integers(1, 3 * CS))),
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    events=st.lists(event, max_size=5),
+    damages=st.lists(local_damage, max_size=2),
+    k=st.sampled_from([2, 4]),
+)
+@example(events=[("kill", SIZE // 2), ("cut", 70_000), ("stall", 5)], damages=[], k=4)
+@example(events=[("kill", SIZE // 3)], damages=[("zero-range", (0.3, 20_000))], k=4)
+def test_k_connections_with_cuts_stalls_kills_and_damage_end_byte_identical(
+    served: ServerThread,
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[tuple[str, int]],
+    damages: list[tuple[str, Any]],
+    k: int,
+) -> None:
+    """Parallel segments (issue 10): for any schedule of cuts, stalls and kills across
+    the K connections, and damage to the partial after the first kill, the blob ends
+    byte-identical, nothing else is committed, and the bytes received stay within the
+    blob plus what each fault may cost on each connection."""
+    root = tmp_path_factory.mktemp("root")
+    out = root / "out.bin"
+    srv = served.server
+    data, digest = srv.blobs["blob"], srv.digest("blob")
+    url = f"{served.url}/blob"
+    cfg = config(max_connections_per_blob=k, min_segment_size=8 * CS)
+    kills = [n for kind, n in events if kind == "kill"]
+    srv.script = [cut(n) if kind == "cut" else stall(n) for kind, n in events if kind != "kill"]
+    partial = root / "ingest" / ("sha256-" + digest[7:])
+    damaged = 0
+    for i, kill_at in enumerate([*kills, None]):
+        outcome = run_fetch(root, url, digest, cfg, kill_at=kill_at, dest=out)
+        if outcome.killed:
+            if i == 0 and partial.exists():
+                for kind, amount in damages:
+                    _damage(root, partial, digest, kind, amount)
+                    damaged += 4 * CS  # a flip, or ≤ 3 chunks zeroed: ≤ 4 chunks
+
+            continue
+        assert outcome.error is None, outcome.error
+        break
+    assert out.read_bytes() == data
+    assert [b.name for b in (root / "blobs" / "sha256").iterdir()] == [digest[7:]]
+    with contextlib.closing(sqlite3.connect(root / "state.db")) as conn:
+        (wire,) = conn.execute("SELECT COALESCE(SUM(wire_bytes), 0) FROM attempts").fetchone()
+    # Received bytes booked by every attempt (a killed one up to its last record).
+    faults = len(events) + len(damages) + 1
+    assert wire <= SIZE + faults * k * PER_KILL + damaged, (wire, events, damages)
+
+
 def _holes_of(on_disk: bytes, data: bytes, written: int, lost: set[int]) -> list[tuple[int, int]]:
     """The byte ranges to fetch again: chunks of the first ``written`` bytes that differ
     from ``data`` (or are cut short) or whose record is ``lost``, then everything from

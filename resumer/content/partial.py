@@ -447,7 +447,9 @@ class Partial:
         seg = Segment(self, start, end)
         loop = asyncio.get_running_loop()
         if fill:
-            # Carry on the xxh3 of the chunk whose first bytes are already here.
+            # Carry on the xxh3 of the chunk whose first bytes are already here: once
+            # they are on disk (another stream may have handed them on just now).
+            await self._drain_hashing()
             head = await loop.run_in_executor(
                 self._writer_pool, _read_range, self.path, idx * cs, fill
             )
@@ -656,6 +658,10 @@ class Partial:
         self._inflight.remove(fut)
         seg.unref(slab)
         if fut.cancelled():
+            # Never written (its thread pool was shut down under it): nothing after it
+            # can be trusted to land, and whoever waits for room must hear so.
+            self._fail(StoreError(f"partial {self.path}: a write was cancelled"))
+            self._pump()
             return
         exc = fut.exception()
         if exc is not None:
@@ -722,6 +728,8 @@ class Partial:
     def _on_synced(self, upto: int, written: int, fut: asyncio.Future[None]) -> None:
         self._sync_fut = None
         if fut.cancelled():
+            self._fail(StoreError(f"partial {self.path}: a sync was cancelled"))
+            self._pump()
             return
         exc = fut.exception()
         if exc is not None:
