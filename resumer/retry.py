@@ -60,6 +60,7 @@ from .errors import (
     ResumerError,
     TransientError,
     UnauthorizedError,
+    WireBudgetExhaustedError,
 )
 
 log = logging.getLogger(__name__)
@@ -294,11 +295,14 @@ def give_up(verdict: Verdict, cause: ResumerError) -> NoReturn:
 def fails_for_good(error: BaseException) -> bool:
     """Whether a pull that ended with ``error`` needs a change upstream or on disk before
     a new run can finish it (a 404 manifest, access denied, a corrupt destination), as
-    opposed to a spent budget, a cut link or a full disk, which a later run may get past."""
+    opposed to a spent budget (of attempts or of wire bytes), a cut link or a full disk,
+    which a later run may get past."""
     cause = getattr(error, "cause", error)  # LayerDownloadError names its transfer's error
     if not isinstance(cause, ResumerError):
         return False
-    return not isinstance(cause, BudgetExhaustedError | TransientError | DiskFullError)
+    return not isinstance(
+        cause, BudgetExhaustedError | WireBudgetExhaustedError | TransientError | DiskFullError
+    )
 
 
 def should_retry(error: BaseException) -> bool:
