@@ -186,7 +186,9 @@ async def test_a_link_that_dies_after_progress_keeps_the_ramp_for_what_follows(
         open_engine(tmp_path / "root", clock) as eng,
     ):
         with pytest.raises(BudgetExhaustedError) as info:
-            await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out", on_progress=events)
+            await eng.fetch(
+                f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out", on_progress=events
+            )
     assert info.value.attempts == 5
     assert gaps(srv.times) == [0.0, 10.0, 15.0, 20.0]
     assert countdowns(events) == [10, 15, 20]
