@@ -96,7 +96,10 @@ async def test_three_transfers_share_one_budget_and_every_partial_is_kept(tmp_pa
 
 
 async def test_a_budget_exactly_the_blob_lets_it_complete(tmp_path: Path) -> None:
-    async with BlobServer({"b": DATA}) as srv, open_engine(tmp_path / "r", max_wire_bytes=SIZE) as eng:
+    async with (
+        BlobServer({"b": DATA}) as srv,
+        open_engine(tmp_path / "r", max_wire_bytes=SIZE) as eng,
+    ):
         result = await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
     assert result.stats.wire_bytes == SIZE
     assert (tmp_path / "out").read_bytes() == DATA
