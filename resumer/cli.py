@@ -77,6 +77,18 @@ def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
             help="disk the partials may use (default 16GiB, at least 64MiB); SIZE is "
             "bytes or a number with K, M, G or T, all 1024-based (16G = 16GiB)",
         )
+        p.add_argument(
+            "--max-download-rate",
+            metavar="SIZE",
+            help="bytes/s for every transfer of the process together (default 0: unlimited); "
+            "K, M, G suffixes, 1024-based (2M = 2 MiB/s)",
+        )
+        p.add_argument(
+            "--max-wire-bytes",
+            metavar="SIZE",
+            help="stop once this run has received this many body bytes, every partial kept; "
+            "the next run continues from them (default 0: no budget); K, M, G suffixes",
+        )
         p.add_argument("--no-checkpoints", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -241,6 +253,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "low_speed_time",
             "chunk_size",
             "partial_budget_bytes",
+            "max_download_rate",
+            "max_wire_bytes",
             "progress",
             "platform",
         )
@@ -280,6 +294,7 @@ async def _fetch(args: argparse.Namespace, config: Config) -> int:
     # With -o -, stdout carries the blob and nothing else: progress goes to stderr.
     _stdout_is_data = to_stdout
     render = P.renderer(config.progress, sys.stderr if to_stdout else sys.stdout)
+    _announce_limits(render, config)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
         result = await engine.fetch(
             args.url,
@@ -298,6 +313,7 @@ async def _pull(args: argparse.Namespace, config: Config) -> int:
     from .engine import Engine
 
     render = None if args.quiet else P.renderer(config.progress, sys.stdout)
+    _announce_limits(render, config)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
         outcome = await engine.pull(
             args.image, dest=args.dest, platform=args.platform, on_progress=render or ignore
@@ -316,6 +332,7 @@ async def _resume(args: argparse.Namespace, config: Config) -> int:
     from .engine import Engine
 
     render = P.renderer(config.progress, sys.stdout)
+    _announce_limits(render, config)
     async with Engine.open(root_of(args), config, on_wait=_say) as engine:
         result = await engine.resume(on_progress=render or ignore)
     total = Stats()
@@ -430,6 +447,15 @@ _HANDLERS.update(
         "demo": _demo,
     }
 )
+
+
+def _announce_limits(render: P.Renderer | None, config: Config) -> None:
+    """One line per limit in force, before the first byte: "Rate limit: 2 MiB/s"."""
+    from .rate import limits_text
+
+    if render is not None:
+        for line in limits_text(config.max_download_rate, config.max_wire_bytes):
+            render(Event("", line))
 
 
 def _say(message: str) -> None:

@@ -3,9 +3,10 @@
 Precedence: flag, then environment (``RESUMER_<KEY>``), then the JSON config file
 (dockerd's key names), then the default.
 
-Sizes (``partial-budget-bytes``, ``--partial-budget``) are plain bytes or a number with a
-unit, parsed by ``parse_size``: K, M, G, T are 1024-based, as in curl, aria2 and docker
-(``KB``/``KiB`` mean the same), so ``16GiB`` = ``16G`` = 17179869184 bytes.
+Sizes (``partial-budget-bytes``, ``--partial-budget``; ``max-download-rate`` in bytes/s;
+``max-wire-bytes``) are plain bytes or a number with a unit, parsed by ``parse_size``:
+K, M, G, T are 1024-based, as in curl, aria2 and docker (``KB``/``KiB`` mean the same),
+so ``16GiB`` = ``16G`` = 17179869184 bytes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class Config:
     partial_budget_bytes: int = 16 * 1024 * MiB
     #: refuse to inflate a layer beyond this many bytes (decompression bombs)
     max_uncompressed_bytes: int = 64 * 1024 * MiB
+    #: bytes/s for every transfer of the process together (one token bucket); 0 = unlimited
+    max_download_rate: int = 0
+    #: body bytes one run may receive, every transfer together; then it stops, partials
+    #: kept, and the next run continues (0 = no budget)
+    max_wire_bytes: int = 0
     registry_mirrors: tuple[str, ...] = ()
     insecure_registries: tuple[str, ...] = ()
     platform: str | None = None
@@ -97,6 +103,22 @@ class Config:
             raise ConfigError(
                 f"partial-budget-bytes must not be negative, got {self.partial_budget_bytes}"
             )
+        for option, value in (
+            ("max-download-rate", self.max_download_rate),
+            ("max-wire-bytes", self.max_wire_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{option} must be a whole number of bytes ≥ 0, got {value!r}")
+        share = self.low_speed_limit * self.max_concurrent_downloads
+        if self.max_download_rate and self.low_speed_time and self.max_download_rate < share:
+            # Each running transfer would get less than the low-speed limit and fail as
+            # "too slow" on every attempt, spending its budget on the rate cap's account.
+            raise ConfigError(
+                f"max-download-rate {self.max_download_rate} B/s is below low-speed-limit "
+                f"({self.low_speed_limit} B/s) × max-concurrent-downloads "
+                f"({self.max_concurrent_downloads}): every transfer would fail as too slow; "
+                "raise the rate, or lower --low-speed-limit (0 turns it off)"
+            )
         if self.chunk_size < 4096 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk-size must be a power of two ≥ 4096, got {self.chunk_size}")
         if self.progress not in ("auto", "tty", "plain", "json", "none"):
@@ -122,6 +144,8 @@ _FILE_KEYS = {
     "low-speed-time": "low_speed_time",
     "chunk-size": "chunk_size",
     "partial-budget-bytes": "partial_budget_bytes",
+    "max-download-rate": "max_download_rate",
+    "max-wire-bytes": "max_wire_bytes",
     "platform": "platform",
     "progress": "progress",
 }
@@ -129,7 +153,12 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 #: every float option is a number of seconds: finite, ≥ 0, at most MAX_SECONDS
 _FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.type == "float")
 #: options given as sizes (parse_size), with the least each may be set to by a user
-_SIZE_MINIMUMS = {"partial_budget_bytes": MIN_PARTIAL_BUDGET, "min_segment_size": 4096}
+_SIZE_MINIMUMS = {
+    "partial_budget_bytes": MIN_PARTIAL_BUDGET,
+    "min_segment_size": 4096,
+    "max_download_rate": 0,
+    "max_wire_bytes": 0,
+}
 #: the command-line flag of an option whose flag is not ``--<file key>``
 _FLAG_NAMES = {"partial_budget_bytes": "--partial-budget"}
 

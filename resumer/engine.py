@@ -39,6 +39,7 @@ from .fetch import revalidate
 from .gc import collect_partials
 from .hosts import HostHealth
 from .layout import Layout
+from .rate import limiter_for
 from .rootlock import RootLock
 from .source import UrlSource, check_url, redact_url
 from .store import Store, TransferState
@@ -106,7 +107,17 @@ class Engine:
         #: which hosts to try first, shared by every registry client and transfer
         self.hosts = HostHealth(clock)
         self.ctx = TransferContext(
-            session, store, self.ingest, config, clock, self.run_id, self.hosts
+            session,
+            store,
+            self.ingest,
+            config,
+            clock,
+            self.run_id,
+            self.hosts,
+            # One rate cap and one wire budget for every transfer of this engine. The
+            # bucket runs on real time whatever ``clock`` is: it caps real throughput
+            # (its math is tested on a FakeClock, tests/test_rate.py).
+            limiter=limiter_for(config.max_download_rate, config.max_wire_bytes),
         )
         self.transfers = TransferManager(self.ctx)
         self.lock: RootLock | None = None

@@ -30,6 +30,7 @@
     │   │   └── DigestMismatchError  never retried as such; after a resume, a restart from zero
     │   ├── UnauthorizedError        401: refresh the token once, not an attempt
     │   ├── BudgetExhaustedError     max-download-attempts used up; names blob, N, last cause
+    │   ├── WireBudgetExhaustedError the run's max-wire-bytes spent; partials kept, not retried
     │   └── LayerDownloadError       a pull's layer failed; names its position and the cause
     ├── RegistryError                the distribution API answered something unusable
     │   └── PlatformNotFoundError
@@ -220,6 +221,21 @@ class BudgetExhaustedError(TransferError):
         self.blob = blob
         self.attempts = attempts
         self.last = last
+
+
+class WireBudgetExhaustedError(TransferError):
+    """The run's wire-byte budget (``max-wire-bytes``) is spent: every transfer stops
+    cleanly, keeping its partial, and the next run continues from them. Never retried in
+    this run (another attempt would spend more); not a failure for good either."""
+
+    def __init__(self, budget: int, used: int) -> None:
+        super().__init__(
+            f"wire-byte budget spent: {used} bytes received by this run, budget {budget} "
+            f"bytes (--max-wire-bytes); every partial download is kept: run the same "
+            f"command again (or `resumer resume`) to continue from them"
+        )
+        self.budget = budget
+        self.used = used
 
 
 class LayerDownloadError(TransferError):

@@ -26,12 +26,13 @@ resumer.errors.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -48,7 +49,17 @@ from .errors import (
 from .segments import Segment
 from .source import Endpoint, redact_url
 
+if TYPE_CHECKING:
+    from .rate import Limiter
+
 log = logging.getLogger(__name__)
+
+#: The engine's Limiter (rate cap, wire budget) for the attempt running in this context:
+#: ``attempt(limiter=…)`` sets it around the creation of its body task, which copies it;
+#: ``consume`` and ``_DirectBody`` read it where the bytes are read.
+_LIMITER: contextvars.ContextVar[Limiter | None] = contextvars.ContextVar(
+    "resumer_fetch_limiter", default=None
+)
 
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes\s+\*/(\d+)$")
@@ -159,36 +170,47 @@ async def attempt(
     connections: int = 1,
     min_segment: int = 4 << 20,
     slots: asyncio.Semaphore | None = None,
+    limiter: Limiter | None = None,
 ) -> Outcome:
     """One attempt. Never raises for transfer problems: see ``Outcome.error``.
 
     ``out``, if given, is filled as the bytes arrive (the caller may read it meanwhile).
     ``connections`` > 1 fills the holes over that many connections (``segments.py``)
     when the sink is a partial; ``slots`` caps the extra connections of the process.
+    ``limiter``, if given, paces every read (the rate cap) and books it against the run's
+    wire budget; a spent budget ends the attempt with WireBudgetExhaustedError.
     """
     if out is None:
         out = Outcome(host=endpoint.host or urlsplit(endpoint.url).netloc)
     out.host = out.host or endpoint.host or urlsplit(endpoint.url).netloc
     out.start_offset = sink.offset
     if connections > 1 and isinstance(sink, SegmentedSink):
-        await _parallel(
-            session,
-            endpoint,
-            sink,
-            out,
-            validator,
-            stall,
-            clock,
-            on_bytes,
-            connections,
-            min_segment,
-            slots,
-        )
+        token = _LIMITER.set(limiter)  # every connection's task copies the context
+        try:
+            await _parallel(
+                session,
+                endpoint,
+                sink,
+                out,
+                validator,
+                stall,
+                clock,
+                on_bytes,
+                connections,
+                min_segment,
+                slots,
+            )
+        finally:
+            _LIMITER.reset(token)
         return out
     watchdog = _Watchdog(stall)
-    body = asyncio.create_task(
-        _attempt(session, endpoint, sink, out, size, validator, watchdog, clock, on_bytes)
-    )
+    token = _LIMITER.set(limiter)  # the body task copies the context: it sees the limiter
+    try:
+        body = asyncio.create_task(
+            _attempt(session, endpoint, sink, out, size, validator, watchdog, clock, on_bytes)
+        )
+    finally:
+        _LIMITER.reset(token)
     watchdog.task = body
     try:
         await body
@@ -324,6 +346,10 @@ async def _segment_request(
             n = len(data)
             out.wire_bytes += n
             watchdog.progress(n)
+            limiter = _LIMITER.get()
+            if limiter is not None:
+                # The one rate cap, shared with every other connection and transfer.
+                await limiter.take(n, lambda: watchdog.progress(0))
             stop = limit()
             keep = n if stop is None else max(0, min(n, stop - seg.offset))
             if keep:
@@ -336,6 +362,9 @@ async def _segment_request(
                 # Past the end: another connection took the rest of the range meanwhile.
                 shrunk = stop is not None and asked is not None and stop < asked
                 out.discard(n - keep, "segment-overlap" if shrunk else "overlong-body")
+            stop = limit()
+            if limiter is not None and (stop is None or seg.offset < stop):
+                limiter.check()  # the run's wire budget: stop once spent (this read is kept)
 
         content = resp.content
         while (stop := limit()) is None or seg.offset < stop:
@@ -549,6 +578,11 @@ async def _read_body(
         n = len(data)
         out.wire_bytes += n
         watchdog.progress(n)
+        limiter = _LIMITER.get()
+        if limiter is not None:
+            # The rate cap: wait for this read's tokens (booked against the budget first);
+            # waiting for them is our pause, not the server's silence.
+            await limiter.take(n, lambda: watchdog.progress(0))
         view = memoryview(data)
         while view:
             if not holes:
@@ -574,6 +608,8 @@ async def _read_body(
                 holes.pop(0)
                 if holes:
                     holes[0] = (max(holes[0][0], pos), holes[0][1])
+        if limiter is not None and holes:
+            limiter.check()  # the run's wire budget: stop once spent (this read is kept)
         return bool(holes) or to_end
 
     if resp.status == 206 or (len(holes) == 1 and holes[0][0] == 0):
@@ -700,6 +736,10 @@ async def _read_direct(
     out.complete = True
 
 
+#: the most a direct read reserves from the limiter at once (one receive buffer)
+_MAX_GRANT = 256 * 1024
+
+
 class _DirectBody(asyncio.BufferedProtocol):
     """Counts an identity body down to zero, landing each read in the sink."""
 
@@ -723,6 +763,10 @@ class _DirectBody(asyncio.BufferedProtocol):
         self._aiohttp = aiohttp_protocol
         self._transport: asyncio.Transport | None = None
         self._paused = True
+        #: the engine's limiter: each read lands at most its grant (rate tokens, budget)
+        self._limiter = _LIMITER.get()
+        self._grant = 0
+        self._wake: asyncio.TimerHandle | None = None
 
     def start(self, transport: asyncio.Transport) -> None:
         self._transport = transport
@@ -732,6 +776,14 @@ class _DirectBody(asyncio.BufferedProtocol):
         """No more reads (the attempt ends; the connection is closed by our caller)."""
         self._pause()
         self.finish()
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        if self._limiter is not None:
+            self._limiter.leave(self)
+            if self._grant > 0:
+                self._limiter.give_back(self._grant)
+                self._grant = 0
 
     def finish(self) -> None:
         if not self.done.done():
@@ -748,14 +800,40 @@ class _DirectBody(asyncio.BufferedProtocol):
         if not self.sink.room():
             self.sink.on_room(self._resume)
             return
+        if self._limiter is not None and self._grant <= 0 and not self._regrant():
+            return
         if self._paused:
             self._paused = False
             self._transport.resume_reading()
 
+    def _regrant(self) -> bool:
+        """Reserve the next read from the limiter. False when there is none to take now:
+        a wake-up is scheduled for when its tokens are due, or the spent wire budget has
+        ended the body."""
+        limiter = self._limiter
+        assert limiter is not None
+        self._grant = limiter.grant(min(self.remaining, _MAX_GRANT), self)
+        if self._grant > 0:
+            return True
+        if limiter.spent:
+            self.error = limiter.error()
+            self.stop()
+        elif self._wake is None:
+            loop = asyncio.get_running_loop()
+            self._wake = loop.call_later(limiter.due(self.remaining, self), self._woken)
+        return False
+
+    def _woken(self) -> None:
+        self._wake = None
+        self.watchdog.progress(0)  # we paused ourselves: not the server's silence
+        self._resume()
+
     # asyncio.BufferedProtocol
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.sink.recv_buffer(self.remaining)
+        if self._limiter is None:
+            return self.sink.recv_buffer(self.remaining)
+        return self.sink.recv_buffer(min(self.remaining, self._grant))
 
     def buffer_updated(self, nbytes: int) -> None:
         self.remaining -= nbytes
@@ -763,6 +841,9 @@ class _DirectBody(asyncio.BufferedProtocol):
         out.wire_bytes += nbytes
         out.kept_bytes += nbytes
         self.watchdog.progress(nbytes)
+        if self._limiter is not None:
+            self._grant -= nbytes
+            self._limiter.received(nbytes)
         try:
             self.sink.received(nbytes)
         except BaseException as exc:  # a write error: end the attempt with it
@@ -776,6 +857,8 @@ class _DirectBody(asyncio.BufferedProtocol):
         elif not self.sink.room():
             self._pause()
             self.sink.on_room(self._resume)
+        elif self._limiter is not None and self._grant <= 0 and not self._regrant():
+            self._pause()  # until the wake-up _regrant scheduled (or for good: budget)
 
     def eof_received(self) -> bool | None:
         self.finish()  # short if remaining > 0: our caller says so

@@ -2,9 +2,11 @@
 
 Docker's semantics (DESIGN.md, "Semantics kept from Docker's download manager"):
 ``max-download-attempts`` N is the total number of attempts per blob in one run; after
-failed attempt n the wait is n × step (5, 10, 15 … s), or the server's Retry-After when
-that is longer. The same policy runs blob transfers and the registry client's manifest
-and token requests, so every request resumer retries follows one set of rules:
+failed attempt n that kept no byte the wait is n × step (5, 10, 15 … s); after one that
+kept bytes (the link was up until the cut) the next starts at once. The server's
+Retry-After wins when it is longer. Every attempt counts against the budget either way.
+The same policy runs blob transfers and the registry client's manifest and token
+requests, so every request resumer retries follows one set of rules:
 
 | failure (in this order)                          | verdict                             |
 |--------------------------------------------------|-------------------------------------|
@@ -58,6 +60,7 @@ from .errors import (
     ResumerError,
     TransientError,
     UnauthorizedError,
+    WireBudgetExhaustedError,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +159,7 @@ class AttemptPolicy:
 
     def after_failure(self, error: ResumerError, *, kept_bytes: int = 0) -> Verdict:
         """Judge the failure of the attempt begun last. ``kept_bytes``: bytes that attempt
-        kept (progress re-arms the token refresh; the delay does not depend on it yet)."""
+        kept (progress re-arms the token refresh and means "reconnect at once")."""
         if self._refreshing:
             # The refresh failed before its request went out: it is not used up, and the
             # attempt it interrupted counts after all, failed with the refresh's error.
@@ -179,7 +182,11 @@ class AttemptPolicy:
             return Verdict(
                 Action.GIVE_UP, error=BudgetExhaustedError(self.what, self.attempts, error)
             )
-        wait = self.delay(max(1, self.attempts), getattr(error, "retry_after", None))
+        # DESIGN.md's retry delay: an attempt that kept bytes had the link up until the
+        # cut, so reconnect at once; the linear ramp (n × step after failed attempt n) is
+        # for attempts that moved nothing. Retry-After wins when longer, either way.
+        n = 0 if kept_bytes > 0 else max(1, self.attempts)
+        wait = self.delay(n, getattr(error, "retry_after", None))
         return Verdict(Action.RESTART if restart else Action.RETRY, wait)
 
     def refused(self, error: ResumerError) -> Verdict:
@@ -288,11 +295,14 @@ def give_up(verdict: Verdict, cause: ResumerError) -> NoReturn:
 def fails_for_good(error: BaseException) -> bool:
     """Whether a pull that ended with ``error`` needs a change upstream or on disk before
     a new run can finish it (a 404 manifest, access denied, a corrupt destination), as
-    opposed to a spent budget, a cut link or a full disk, which a later run may get past."""
+    opposed to a spent budget (of attempts or of wire bytes), a cut link or a full disk,
+    which a later run may get past."""
     cause = getattr(error, "cause", error)  # LayerDownloadError names its transfer's error
     if not isinstance(cause, ResumerError):
         return False
-    return not isinstance(cause, BudgetExhaustedError | TransientError | DiskFullError)
+    return not isinstance(
+        cause, BudgetExhaustedError | WireBudgetExhaustedError | TransientError | DiskFullError
+    )
 
 
 def should_retry(error: BaseException) -> bool:

@@ -35,6 +35,8 @@ from .store import Store, TransferState
 if TYPE_CHECKING:  # the session's type only: requests go through fetch.py
     import aiohttp
 
+    from .rate import Limiter
+
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], None]
@@ -93,6 +95,8 @@ class TransferContext:
     hosts: HostHealth
     #: The pull for attempts whose request names none (``BlobRequest.pull_id`` wins).
     pull_id: int | None = None
+    #: The engine's one rate cap and wire budget, for every attempt (None: neither).
+    limiter: Limiter | None = None
     #: extra connections of parallel attempts, for the whole process (set in __post_init__)
     connection_slots: asyncio.Semaphore = field(init=False)
 
@@ -153,6 +157,9 @@ class _Transfer:
                 stats.discard(nbytes, reason)
                 await self.store.record_discard(req.key, self.ctx.run_id, nbytes, reason)
             while True:
+                limiter = self.ctx.limiter
+                if limiter is not None and limiter.spent and partial.holes():
+                    raise limiter.error()  # the run's wire budget: no new request
                 endpoint = _pick(self.ctx.hosts, await req.source.endpoints())
                 out, path = await self._attempt(endpoint)
                 err = out.error
@@ -220,6 +227,7 @@ class _Transfer:
                 clock=self.clock,
                 on_bytes=self._on_bytes,
                 out=out,
+                limiter=self.ctx.limiter,
                 # One connection to a host that ignores Range (DESIGN.md).
                 connections=1
                 if self.ctx.hosts.ignores_range(endpoint.host)

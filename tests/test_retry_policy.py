@@ -368,7 +368,9 @@ def test_any_failure_sequence_stays_within_the_budget_with_linear_delays(
             assert isinstance(verdict.error, BudgetExhaustedError)
             assert verdict.error.attempts == n
             break
-        linear = counted * step
+        # DESIGN.md's rule: at once after an attempt that kept bytes, n × step after
+        # failed attempt n that kept none; a longer Retry-After wins either way.
+        linear = 0.0 if failure.kept > 0 else counted * step
         after = failure.retry_after if failure.kind == "5xx" else None
         expected = after if after is not None and after > linear else linear
         assert verdict.delay == expected
