@@ -585,7 +585,7 @@ def plot(data: dict[str, Any]) -> Path:
         [
             ("completed (fraction of runs)", *panels["completed"], None),
             (f"restarts (cap {data['max_restarts']})", *panels["restarts"], None),
-            ("(wire / payload) ÷ (1 + 4 MiB × cuts / payload)", *panels["wire_vs_goal"], 1.0),
+            ("wire bytes / payload", *panels["wire_ratio"], 1.0),
         ],
     )
 
