@@ -25,6 +25,7 @@ Tools, each with ~10 retries and a 1 s retry step where it can be set:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -137,6 +138,7 @@ def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {t.key: [] for t in TOOLS} for s in schedules
     }
+    load0 = os.getloadavg()
     with image_bench.registry_with_image(NAME, LAYERS_MIB, SEED) as lab:
         image = lab.image
         for sched in schedules:
@@ -171,7 +173,7 @@ def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
                         f"wire/payload {row['wire_ratio']:.3f} cuts {row['cuts']}",
                         flush=True,
                     )
-    return {"image": image, "runs": runs}
+    return {"image": image, "runs": runs, "load": [load0, os.getloadavg()]}
 
 
 def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
@@ -204,6 +206,7 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
             "(server→client bytes including HTTP headers); wall from spawn to exit, "
             f"capped at {LIMIT_S:.0f} s"
         ),
+        "load_average": measured["load"],
         "medians": med,
         "runs": measured["runs"],
     }
@@ -225,6 +228,7 @@ def render(data: dict[str, Any]) -> str:
         f"the largest layer, {img['blob'][1]} bytes (`{img['blob'][0][:19]}…`), from "
         "`/v2/<repo>/blobs/<digest>` of the same registry.",
         common.machine_line(m),
+        *([common.load_line(*data["load_average"])] if "load_average" in data else []),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
         f"{ver['skopeo']}; {ver.get('dockerd', 'dockerd not run')}; "
         f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; "

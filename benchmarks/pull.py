@@ -20,6 +20,7 @@ Goal (issue 4): resumer's median wall time ≤ 0.8× skopeo's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,6 +153,7 @@ def measure(rounds: int) -> dict[str, Any]:
     registry = servers.start_registry(work / "registry")
     scratch = work / "scratch"
     runs: dict[str, list[Run]] = {k: [] for k in KEYS}
+    load0 = os.getloadavg()
     try:
         servers.skopeo_copy(
             f"oci:{layout}:{TAG}", f"docker://{registry.host}/{REPO}:{TAG}", "--preserve-digests"
@@ -184,6 +186,7 @@ def measure(rounds: int) -> dict[str, Any]:
         "host": registry.host,
         "image": info,
         "runs": runs,
+        "load": [load0, os.getloadavg()],
         "skopeo": version,
         "registry": reg_version,
     }
@@ -223,6 +226,7 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
         },
         "dockerd_argv": _dockerd_of(Path("DIR")).argv(),
         "ratio_dockerd": med["resumer"]["wall_s"] / med["dockerd"]["wall_s"],
+        "load_average": measured["load"],
         "medians": med,
         "ratio": ratio,
         "goal": {"goal": f"≤ {GOAL_RATIO}× skopeo", "value": ratio, "met": ratio <= GOAL_RATIO},
@@ -261,6 +265,7 @@ def render(data: dict[str, Any], profile: str | None) -> str:
         f"{img['uncompressed_bytes'] / MiB:.0f} MiB uncompressed, source-code-like text "
         f"from `resumer.lab.images`, seed {SEED}), served by {data['server']}.\n",
         common.machine_line(m),
+        *([common.load_line(*data["load_average"])] if "load_average" in data else []),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}), "
         f"aiohttp {ver['aiohttp']}; {ver['skopeo']}; {ver.get('dockerd', 'dockerd not run')}; "
         f"{ver['docker-registry']}.",
