@@ -362,7 +362,7 @@ DOCKERD_NOT_ON_POWERCUT_FS = (
     "starts each unfinished layer from byte 0 here (the wire above is that cost). A run on "
     "the mount would test something else, the survival of its bolt databases and layer "
     "store, and needs a loss accounting of its own (the scenario's per-cut loss reads "
-    "resumer's progress stream and containerd's ingest files); not done in this change"
+    "resumer's progress stream and containerd's ingest files); not done in this change."
 )
 
 
