@@ -7,8 +7,10 @@ HTTP to the registry and the fault proxy on loopback), and ``--max-download-atte
 configured. ``start()`` polls ``docker -H unix://SOCK version`` until it answers (with a
 deadline, never a blind sleep); ``kill()`` SIGKILLs the daemon's process group (the
 containerd it supervises dies with it: dockerd starts it with ``Pdeathsig``) and clears the
-exec root, as a reboot clears /run; ``stop()`` terminates it and unmounts whatever it left
-under its roots. ``with dockerd(base) as d:`` starts one and stops and removes it on exit.
+exec root, as a reboot clears /run (a killed daemon also leaves its data root bind-mounted
+onto itself: the next daemon reuses that mount); ``stop()`` terminates it and unmounts
+whatever it left at or under its roots. ``with dockerd(base) as d:`` starts one and stops
+and removes it on exit.
 
 The client is Debian's ``/usr/bin/docker`` (the same 20.10), named by path: another
 ``docker`` may come first on PATH. Nothing here imports resumer.
@@ -53,14 +55,19 @@ def versions() -> dict[str, str]:
 
 
 def unmount_under(path: Path) -> None:
-    """Lazily unmount every mount point under ``path`` (deepest first)."""
-    prefix = str(path.resolve()) + "/"
+    """Lazily unmount every mount point at or under ``path`` (deepest first).
+
+    ``path`` itself counts: dockerd bind-mounts its data root onto itself (to make it a
+    shared mount) and only a clean shutdown undoes that, so a SIGKILL leaves it mounted.
+    """
+    top = str(path.resolve())
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return
     points = [ln.split()[4] for ln in lines if len(ln.split()) > 4]
-    for mp in sorted((m for m in points if m.startswith(prefix)), key=len, reverse=True):
+    mine = (m for m in points if m == top or m.startswith(top + "/"))
+    for mp in sorted(mine, key=len, reverse=True):
         subprocess.run(["umount", "-l", mp], capture_output=True, timeout=10, check=False)
 
 
