@@ -695,3 +695,20 @@ class LiveProxy:
             self._loop.close()
             self.counters = self.proxy.stats()
         return self.counters
+
+
+# --------------------------------------------------------------------------- machine load
+# Added for issue 10 (dockerd as a peer); nothing above was changed.
+
+
+def load_line(before: Sequence[float], after: Sequence[float]) -> str:
+    """The report's ``- **Load:**`` line: ``os.getloadavg()`` at the start and the end.
+
+    Other work on a shared machine slows every tool of a run alike only on average; a
+    load above the CPU count says the figures are from a busy machine.
+    """
+    fmt = ", ".join
+    return (
+        f"- **Load:** 1/5/15-min load average {fmt(f'{x:.2f}' for x in before)} at the "
+        f"start and {fmt(f'{x:.2f}' for x in after)} at the end, on {os.cpu_count()} CPUs."
+    )

@@ -13,6 +13,10 @@ Tools, each with ~10 retries and a 1 s retry step where it can be set:
 - ``skopeo copy docker://… oci:…`` with ``--retry-times 5``: skopeo 1.9.3 retries the
   whole copy with exponential back-off (1, 2, 4, 8, 16 s, not settable in this version),
   so 10 retries would sleep 17 min; a retry keeps finished layers and restarts the rest;
+- ``docker pull`` against a fresh ``dockerd`` per run (``benchmarks.dockerd``: vfs, own data
+  and exec roots, ``--insecure-registry 127.0.0.0/8``, ``--max-download-attempts 11``),
+  started before and stopped after the timed pull: it retries a layer within the pull,
+  resuming its partial file with Range, after a delay of 5 s × n that cannot be set;
 - ``curl --retry 10 --retry-all-errors --retry-delay 1`` (the blob) — the plain retry,
   which throws the partial away and restarts from byte 0 (no ``-C -``);
 - ``aria2c --max-tries=11 --retry-wait=1 --checksum=sha-256=…`` (the blob) — it resumes
@@ -21,13 +25,17 @@ Tools, each with ~10 retries and a 1 s retry step where it can be set:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import common, image_bench
 from .common import BenchImage, MiB
+from .dockerd import Dockerd
+from .dockerd import versions as dockerd_versions
 from .image_bench import Ctx
 
 NAME = "cuts"
@@ -50,6 +58,9 @@ class Tool:
     label: str
     level: str  # "image" or "blob": what payload means
     argv: Callable[[Ctx], list[str]]
+    #: around the timed command: a daemon it talks to (started and stopped untimed)
+    session: Callable[[Ctx], AbstractContextManager[Any]] | None = None
+    done: Callable[[Ctx], bool] | None = None  # None: the level's own check
 
 
 def _resumer_pull(c: Ctx) -> list[str]:
@@ -72,9 +83,40 @@ def _aria2c(c: Ctx) -> list[str]:
     return common.retrying_aria2c_argv(c.blob_url, c.image.largest[0], c.scratch, ATTEMPTS)
 
 
+def _dockerd_of(c: Ctx) -> Dockerd:
+    return Dockerd(c.scratch / "dockerd", max_download_attempts=ATTEMPTS)
+
+
+@contextmanager
+def _dockerd_session(c: Ctx) -> Iterator[None]:
+    """A fresh dockerd (empty data root: the pull downloads every layer), stopped after."""
+    d = _dockerd_of(c)
+    d.start()
+    try:
+        yield
+    finally:
+        d.remove()
+
+
+def _docker_pull(c: Ctx) -> list[str]:
+    return _dockerd_of(c).pull_argv(c.ref)
+
+
+def _docker_pulled(c: Ctx) -> bool:
+    return _dockerd_of(c).has_image(c.ref, c.image.manifest_digest)
+
+
 TOOLS = [
     Tool("resumer_pull", "resumer pull", "image", _resumer_pull),
     Tool("skopeo", "skopeo copy --retry-times 5", "image", _skopeo),
+    Tool(
+        "dockerd",
+        "docker pull, dockerd --max-download-attempts 11",
+        "image",
+        _docker_pull,
+        session=_dockerd_session,
+        done=_docker_pulled,
+    ),
     Tool("resumer_fetch", "resumer fetch", "blob", _resumer_fetch),
     Tool("curl", "curl --retry 10 (restarts)", "blob", _curl),
     Tool("aria2c", "aria2c --max-tries 11", "blob", _aria2c),
@@ -84,6 +126,8 @@ TOOLS = [
 def _completed(tool: Tool, ctx: Ctx, code: int | None) -> bool:
     if code != 0:
         return False
+    if tool.done is not None:
+        return tool.done(ctx)
     if tool.level == "image":
         return image_bench.pulled(ctx)
     out = ctx.scratch / "out.bin"
@@ -94,6 +138,7 @@ def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {t.key: [] for t in TOOLS} for s in schedules
     }
+    load0 = os.getloadavg()
     with image_bench.registry_with_image(NAME, LAYERS_MIB, SEED) as lab:
         image = lab.image
         for sched in schedules:
@@ -101,10 +146,13 @@ def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
             for r in range(rounds):
                 seed = SEED + r  # the same schedule for every tool in run r
                 for tool in common.rotated(TOOLS, r):
-                    with lab.proxied(seed, cut_after=span, rate=RATE) as (ctx, counters):
+                    with (
+                        lab.proxied(seed, cut_after=span, rate=RATE) as (ctx, counters),
+                        tool.session(ctx) if tool.session else nullcontext(),
+                    ):
                         res = common.run_bounded(tool.argv(ctx), LIMIT_S, cwd=ctx.scratch)
+                        done = _completed(tool, ctx, res.returncode)
                     payload = image.payload if tool.level == "image" else image.largest[1]
-                    done = _completed(tool, ctx, res.returncode)
                     row = {
                         "seed": seed,
                         "completed": done,
@@ -125,7 +173,7 @@ def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
                         f"wire/payload {row['wire_ratio']:.3f} cuts {row['cuts']}",
                         flush=True,
                     )
-    return {"image": image, "runs": runs}
+    return {"image": image, "runs": runs, "load": [load0, os.getloadavg()]}
 
 
 def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +186,7 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
                 rows, ["wall_s", "wire_ratio", "cuts"], completed_too=["wall_s", "wire_ratio"]
             )
     return {
-        **common.stamp(NAME, image_bench.versions()),
+        **common.stamp(NAME, {**image_bench.versions(), **dockerd_versions()}),
         "seed": SEED,
         "seeds_per_round": [SEED + r for r in range(rounds)],
         "rounds": rounds,
@@ -152,10 +200,13 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
             "real CNCF registry on 127.0.0.1 behind a fresh resumer.lab.proxy per run "
             "(seed SEED+round, so run i of every tool meets the same cut points per "
             "connection in accept order), rate-limited; tools alternate, order rotated "
-            "per round; fresh root/output every run; wire = proxy bytes_down "
+            "per round; fresh root/output every run (dockerd: a fresh daemon per run on an "
+            "empty data root, started before and stopped after the timed docker pull); "
+            "wire = proxy bytes_down "
             "(server→client bytes including HTTP headers); wall from spawn to exit, "
             f"capped at {LIMIT_S:.0f} s"
         ),
+        "load_average": measured["load"],
         "medians": med,
         "runs": measured["runs"],
     }
@@ -177,14 +228,19 @@ def render(data: dict[str, Any]) -> str:
         f"the largest layer, {img['blob'][1]} bytes (`{img['blob'][0][:19]}…`), from "
         "`/v2/<repo>/blobs/<digest>` of the same registry.",
         common.machine_line(m),
+        *([common.load_line(*data["load_average"])] if "load_average" in data else []),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
-        f"{ver['skopeo']}; {ver['curl'].split(' (')[0]}; {ver['aria2c']}; "
+        f"{ver['skopeo']}; {ver.get('dockerd', 'dockerd not run')}; "
+        f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; "
         f"{ver['docker-registry']}.",
         f"- **Method:** {data['method']}.",
         "- **Retries:** resumer and aria2c 11 tries, 1 s step (resumer's back-off is linear, "
         "n × 1 s; aria2c waits 1 s each time); curl 1 + 10 retries, 1 s, restarting from "
         "byte 0 each time (no `-C -`); skopeo `--retry-times 5`, which re-runs the whole copy "
-        "with exponential back-off 1–16 s (keeps finished layers, restarts partial ones).\n",
+        "with exponential back-off 1–16 s (keeps finished layers, restarts partial ones); "
+        "dockerd (vfs, `--max-download-attempts 11`) retries each layer within the one pull, "
+        "resuming its partial file with Range, after its own fixed delay of 5 s × n "
+        "(not settable).\n",
     ]
     for sched, info in data["schedules"].items():
         out.append(f"## {sched}: {info['text']}\n")
@@ -282,7 +338,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be ≥ 1")
-    if common.missing_tools(NAME, ("docker-registry", "skopeo", "curl", "aria2c")):
+    if common.missing_tools(NAME, ("docker-registry", "skopeo", "curl", "aria2c", "dockerd")):
         return 1
     measured = measure(args.rounds, args.schedule or list(SCHEDULES))
     data = summarise(args.rounds, measured)

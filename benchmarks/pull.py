@@ -6,6 +6,10 @@ A 4-layer image of ~200 MiB of gzip blobs (compressible, source-code-like tar co
 ``skopeo copy docker://… oci:…`` (fresh layout) once each, the order alternating per
 round; medians over the rounds.
 
+A third peer, ``docker pull`` against dockerd 20.10 (``benchmarks.dockerd``: a fresh daemon
+per run on an empty vfs data root, started and stopped outside the timed span), runs in the
+same rotation.
+
 resumer does more than skopeo here: it decompresses every layer to check its diffID
 (skopeo's oci: destination copies blobs and checks only their digests), fdatasyncs its
 checkpoints and commits, and records every chunk in SQLite.
@@ -16,6 +20,7 @@ Goal (issue 4): resumer's median wall time ≤ 0.8× skopeo's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +28,8 @@ from typing import Any
 
 from . import common
 from .common import MiB, Run
+from .dockerd import Dockerd
+from .dockerd import versions as dockerd_versions
 
 NAME = "pull"
 SEED = 4242
@@ -87,6 +94,40 @@ def _variants(host: str, scratch: Path) -> dict[str, list[str]]:
     }
 
 
+KEYS = ("resumer", "skopeo", "dockerd")
+
+
+def _dockerd_of(scratch: Path) -> Dockerd:
+    return Dockerd(scratch / "dockerd")
+
+
+def _time_docker_pull(host: str, scratch: Path, manifest_digest: str) -> Run:
+    """``docker pull`` against a fresh dockerd (empty data root), started and stopped outside
+    the timed span. Wall time is the client's, spawn to reap; peak RSS is the daemon's
+    ``VmHWM`` (its high-water mark since its start: the download, the checks and the
+    extraction into vfs all run in dockerd), CPU the client's plus the daemon's during the pull.
+    """
+    d = _dockerd_of(scratch)
+    d.start()
+    try:
+        u0, s0 = d.cpu_s()
+        run = common.time_child(d.pull_argv(f"{host}/{REPO}:{TAG}"), cwd=scratch)
+        u1, s1 = d.cpu_s()
+        hwm = d.status("VmHWM")
+        if not d.has_image(f"{host}/{REPO}:{TAG}", manifest_digest):
+            raise common.RunError("dockerd: the reference store does not name the manifest")
+    finally:
+        d.remove()
+    return Run(
+        run.wall_s,
+        hwm,
+        run.user_s + u1 - u0,
+        run.sys_s + s1 - s0,
+        run.returncode,
+        "dockerd VmHWM (/proc), CPU client + daemon",
+    )
+
+
 def _check(key: str, scratch: Path, manifest_digest: str) -> None:
     """The output is a layout skopeo reads, naming the image's manifest."""
     dest = scratch / ("root" if key == "resumer" else "oci")
@@ -111,17 +152,21 @@ def measure(rounds: int) -> dict[str, Any]:
     shutil.rmtree(work / "registry", ignore_errors=True)
     registry = servers.start_registry(work / "registry")
     scratch = work / "scratch"
-    runs: dict[str, list[Run]] = {"resumer": [], "skopeo": []}
+    runs: dict[str, list[Run]] = {k: [] for k in KEYS}
+    load0 = os.getloadavg()
     try:
         servers.skopeo_copy(
             f"oci:{layout}:{TAG}", f"docker://{registry.host}/{REPO}:{TAG}", "--preserve-digests"
         )
         for r in range(rounds):
-            for key in common.rotated(["resumer", "skopeo"], r):
+            for key in common.rotated(list(KEYS), r):
                 common.fresh_dir(scratch, sync=True)
-                argv = _variants(registry.host, scratch)[key]
-                run = common.time_child(argv, cwd=scratch)
-                _check(key, scratch, info["manifest_digest"])
+                if key == "dockerd":
+                    run = _time_docker_pull(registry.host, scratch, info["manifest_digest"])
+                else:
+                    argv = _variants(registry.host, scratch)[key]
+                    run = common.time_child(argv, cwd=scratch)
+                    _check(key, scratch, info["manifest_digest"])
                 runs[key].append(run)
                 print(
                     f"round {r + 1}/{rounds} {key:8s} {run.wall_s:7.3f} s "
@@ -141,6 +186,7 @@ def measure(rounds: int) -> dict[str, Any]:
         "host": registry.host,
         "image": info,
         "runs": runs,
+        "load": [load0, os.getloadavg()],
         "skopeo": version,
         "registry": reg_version,
     }
@@ -156,6 +202,7 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
             NAME,
             {
                 **common.peer_versions(),
+                **dockerd_versions(),
                 "skopeo": measured["skopeo"],
                 "docker-registry": measured["registry"],
             },
@@ -167,9 +214,19 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
             "each round runs both once, order alternating; fresh root / layout every "
             "run, deleted and os.sync() between runs; page cache not dropped; wall "
             "time from spawn to reap; peak RSS and CPU from GNU time; every output "
-            "read back by skopeo inspect (outside the timed span)"
+            "read back by skopeo inspect (outside the timed span); dockerd: a fresh daemon "
+            "(vfs, empty data root) started before and removed after each timed `docker "
+            "pull`, whose wall time is the client's; its peak RSS is the daemon's VmHWM and "
+            "its CPU the client's plus the daemon's over the pull; done when dockerd's "
+            "reference store names the tag and the manifest digest"
         ),
-        "argv": _variants("HOST", Path("DIR")),
+        "argv": {
+            **_variants("HOST", Path("DIR")),
+            "dockerd": _dockerd_of(Path("DIR")).pull_argv(f"HOST/{REPO}:{TAG}"),
+        },
+        "dockerd_argv": _dockerd_of(Path("DIR")).argv(),
+        "ratio_dockerd": med["resumer"]["wall_s"] / med["dockerd"]["wall_s"],
+        "load_average": measured["load"],
         "medians": med,
         "ratio": ratio,
         "goal": {"goal": f"≤ {GOAL_RATIO}× skopeo", "value": ratio, "met": ratio <= GOAL_RATIO},
@@ -179,8 +236,9 @@ def summarise(rounds: int, measured: dict[str, Any]) -> dict[str, Any]:
 
 def render(data: dict[str, Any], profile: str | None) -> str:
     m, med, img = data["machine"], data["medians"], data["image"]
+    keys = [k for k in KEYS if k in data["runs"]]
     rows = []
-    for key in ("resumer", "skopeo"):
+    for key in keys:
         d = med[key]
         walls = [r.wall_s for r in data["runs"][key]]
         rows.append(
@@ -190,14 +248,13 @@ def render(data: dict[str, Any], profile: str | None) -> str:
                 f"{min(walls):.2f}–{max(walls):.2f}",
                 f"{d['mb_per_s']:.0f}",
                 f"{d['wall_s'] / med['skopeo']['wall_s']:.3f}×",
+                f"{d['wall_s'] / med['dockerd']['wall_s']:.3f}×" if "dockerd" in med else "–",
                 f"{d['maxrss_mib']:.1f}",
                 f"{d['user_s']:.2f}",
                 f"{d['sys_s']:.2f}",
             ]
         )
-    per_run = [
-        [k, ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][k])] for k in ("resumer", "skopeo")
-    ]
+    per_run = [[k, ", ".join(f"{r.wall_s:.2f}" for r in data["runs"][k])] for k in keys]
     goal = data["goal"]
     ver = data["versions"]
     layers = ", ".join(f"{x['size'] / MiB:.1f} MiB" for x in img["layers"])
@@ -208,12 +265,16 @@ def render(data: dict[str, Any], profile: str | None) -> str:
         f"{img['uncompressed_bytes'] / MiB:.0f} MiB uncompressed, source-code-like text "
         f"from `resumer.lab.images`, seed {SEED}), served by {data['server']}.\n",
         common.machine_line(m),
+        *([common.load_line(*data["load_average"])] if "load_average" in data else []),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}), "
-        f"aiohttp {ver['aiohttp']}; {ver['skopeo']}; {ver['docker-registry']}.",
+        f"aiohttp {ver['aiohttp']}; {ver['skopeo']}; {ver.get('dockerd', 'dockerd not run')}; "
+        f"{ver['docker-registry']}.",
         f"- **Method:** {data['method']}.",
         "- **Work done:** resumer verifies each blob's sha256, decompresses every layer to "
         "verify its diffID, fdatasyncs checkpoints (≤ 4 MiB) and commits, and records "
-        "chunks in SQLite; skopeo's `oci:` destination verifies blob digests only.\n",
+        "chunks in SQLite; skopeo's `oci:` destination verifies blob digests only; dockerd "
+        "verifies each blob's digest and extracts every layer into its vfs store (a full "
+        "copy of the uncompressed files on disk), the most work of the three.\n",
         "## Medians\n",
         common.markdown_table(
             [
@@ -222,6 +283,7 @@ def render(data: dict[str, Any], profile: str | None) -> str:
                 "min–max (s)",
                 "MB/s (compressed)",
                 "÷ skopeo",
+                "÷ dockerd",
                 "median peak RSS (MiB)",
                 "median user CPU (s)",
                 "median sys CPU (s)",
@@ -243,7 +305,7 @@ def render(data: dict[str, Any], profile: str | None) -> str:
 
 
 def plot(data: dict[str, Any]) -> Path:
-    keys = ["resumer", "skopeo"]
+    keys = [k for k in KEYS if k in data["runs"]]
     med, runs = data["medians"], data["runs"]
     goal = GOAL_RATIO * med["skopeo"]["wall_s"]
     return common.plot_bars(
