@@ -28,6 +28,7 @@ from resumer.lab.linkemu import (
     LinkEmulator,
     LinkProfile,
     Shaper,
+    available_congestion_control,
     check_environment,
     remove_stale_namespaces,
 )
@@ -349,16 +350,20 @@ def _socket_cc(link: LinkEmulator) -> list[str]:
         text=True,
         check=True,
     ).stdout
-    # Each socket: a line with the addresses, then a tab-indented info line led by the cc.
-    return [line.split()[0] for line in out.splitlines() if line.startswith(("\t", " "))]
+    # Each socket: a line with the addresses, then an indented info line naming the cc
+    # (after options such as "ts sack", when the connection has them).
+    known = set(available_congestion_control())
+    return [
+        next((w for w in line.split() if w in known), "?")
+        for line in out.splitlines()
+        if line.startswith(("\t", " "))
+    ]
 
 
 @pytest.mark.root
 @needs_root
 @pytest.mark.parametrize("cc", ["cubic", "bbr"])
 def test_server_namespace_reports_the_chosen_congestion_control(cc: str) -> None:
-    from resumer.lab.linkemu import available_congestion_control
-
     if cc not in available_congestion_control() and shutil.which("modprobe") is None:
         pytest.skip(f"{cc} is not available and there is no modprobe")
     with LinkEmulator(LinkProfile(delay_ms=20, rate_bps=20e6), seed=1, server_cc=cc) as link:
