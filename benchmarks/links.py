@@ -1,16 +1,33 @@
-"""Link profiles: one blob over an emulated GEO / LEO / rural-LTE / BGAN link.
+"""Link profiles: one blob over an emulated GEO / LEO / rural-LTE / BGAN link, with the
+server's TCP congestion control set to CUBIC and to BBR (two passes per profile).
 
 ``resumer.lab.linkemu.LinkEmulator`` joins two fresh network namespaces with a userspace
 relay over TUN devices (this kernel has no netem) that applies the profile's delay, loss
 (random or Gilbert–Elliott bursty), rate, queue and outages. nginx serves the blob inside
-namespace b (10.213.0.2); the client runs in namespace a. Every single run gets a fresh
-emulator seeded with ``SEED + run index`` and a fresh nginx, so each tool starts at the
+namespace b (10.213.0.2), whose congestion control is the pass's (``server_cc``: the
+namespace's ``net.ipv4.tcp_congestion_control``, or b's route ``congctl`` where the kernel
+refuses the sysctl outside the root namespace; every run checks with ``ss`` which
+algorithm b's sockets really used). The client runs in namespace a. Every single run gets
+a fresh emulator seeded with ``SEED + round`` and a fresh nginx, so each tool starts at the
 same point of the outage cycle and meets the same loss draws per packet index.
 
-Clients: ``resumer fetch`` (``--retry-delay 1 --max-download-attempts 11``), ``curl
---retry 10 --retry-all-errors --retry-delay 1`` (restarts from byte 0 on a retry) and
-``aria2c -x1 -s1 --max-tries=11 --retry-wait=1`` (resumes). One connection each: that is
-the case the Mathis bound talks about; parallel segments are out of scope here.
+**Bounded time window.** A single loss-based stream at 600 ms RTT and 0.5–1 % loss moves a
+few hundred kbit/s: 64 MiB would take half an hour. So every run stops at the blob's
+verified end or after ``--window`` seconds (default 30), whichever comes first. A run
+that completes: goodput = blob bits / wall time (spawn to exit, verification included). A
+run stopped at the window: goodput = payload bytes the client's TCP sockets had received
+in order (``ss -ti`` ``bytes_received``, summed over every connection of the run, sampled
+every 0.5 s, the last sample taken at the window's end, just before the SIGKILL) / the
+time of that sample. Ratio = goodput / the profile's nominal down rate (which counts IP
+packets: headers alone cap TCP goodput at 1448/1500 = 0.965 of it).
+
+Clients (every one: 11 tries, 1 s apart): ``resumer fetch`` with one connection (K = 1);
+``resumer fetch --max-connections-per-blob 4`` only if ``resumer fetch --help`` lists that
+flag; ``curl --retry 10 --retry-all-errors`` (restarts from byte 0); ``aria2c -x4 -s4``
+(resumes; with its default ``--min-split-size=20M`` it opens fewer than 4 connections on
+small blobs: the report shows how many it opened). ``docker pull`` of a one-layer image
+is a hook (the ``docker`` entry of ``TOOLS``, disabled: benchmarks/dockerd.py lives on
+another branch).
 
 Needs root and /dev/net/tun. Without them it writes a results file that says why.
 """
@@ -18,7 +35,11 @@ Needs root and /dev/net/tun. Without them it writes a results file that says why
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import functools
+import json
+import os
+import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -36,8 +57,13 @@ from .common import MiB
 NAME = "links"
 SEED = 20240607
 PORT = 8080  # inside namespace b only: the namespaces are new for every run
-LIMIT_S = 120.0  # per run; a run that needs more is reported as not completed
+WINDOW_S = 30.0  # per run: stopped here if not done; goodput from bytes received
+SAMPLE_S = 0.5  # how often the client's sockets are read during a run
 ATTEMPTS = 11  # resumer/aria2c tries = curl's 1 + 10 retries
+CCS = ("cubic", "bbr")
+GOAL_BBR_RATIO = 0.8
+GOAL_CURL_FACTOR = 3.0
+HEADER_CEILING = 1448 / 1500  # TCP payload per 1500-byte IP packet with timestamps
 
 # The library's RURAL_LTE has a 5 s gap every 120 s; a ≤ 60 s run on a fresh link would
 # never reach it, so the benchmark uses a 4 s gap every 15 s (first at t = 11 s).
@@ -51,25 +77,72 @@ class Case:
     size: int
     note: str
 
+    @property
+    def rate_mbit(self) -> float:
+        assert self.profile.rate_bps is not None
+        return self.profile.rate_bps / 1e6
+
+    @property
+    def up_fraction(self) -> float:
+        """The share of time the link is up (outages excluded)."""
+        p = self.profile
+        return 1.0 if p.outage_every is None else 1 - p.outage_for / p.outage_every
+
 
 CASES = [
-    Case("geo", linkemu.GEO, 16 * MiB, "600 ms RTT, 0.5 % loss, 20 Mbit/s"),
+    Case("geo", linkemu.GEO, 64 * MiB, "600 ms RTT, 0.5 % loss, 20 Mbit/s"),
     Case(
         "leo",
         linkemu.LEO,
-        192 * MiB,
+        64 * MiB,
         "50 ± 10 ms RTT, 1.5 % bursty loss (mean burst 3 packets), 100 Mbit/s, "
         "1 s outage every 15 s (first at t = 14 s)",
     ),
     Case(
         "rural-lte",
         RURAL_LTE_BENCH,
-        32 * MiB,
+        64 * MiB,
         "70 ± 10 ms RTT, 0.2 % loss, 20 Mbit/s down / 4 up, 4 s outage every 15 s "
         "(first at t = 11 s; the library profile's is 5 s every 120 s)",
     ),
-    Case("bgan", linkemu.BGAN, 1 * MiB, "1100 ms RTT, 0.1 % loss, 0.4 Mbit/s"),
+    Case("bgan", linkemu.BGAN, 4 * MiB, "1100 ms RTT, 0.1 % loss, 0.4 Mbit/s"),
 ]
+
+
+# --------------------------------------------------------------------------- tools
+
+CONNECTIONS_FLAG = "--max-connections-per-blob"
+
+
+@functools.cache
+def resumer_has_connections_flag() -> bool:
+    """Whether ``resumer fetch --help`` lists ``--max-connections-per-blob``."""
+    done = subprocess.run(
+        [*common.resumer_bin(), "fetch", "--help"], capture_output=True, text=True, check=False
+    )
+    return CONNECTIONS_FLAG in done.stdout
+
+
+def _resumer(k: int) -> Callable[[str, str, Path], list[str]]:
+    def argv(url: str, digest: str, scratch: Path) -> list[str]:
+        base = common.retrying_fetch_argv(url, digest, scratch, ATTEMPTS)
+        # With the flag, K is said explicitly: its default may not be 1.
+        return [*base, CONNECTIONS_FLAG, str(k)] if resumer_has_connections_flag() else base
+
+    return argv
+
+
+def _curl(url: str, digest: str, scratch: Path) -> list[str]:
+    return common.retrying_curl_argv(url, scratch, ATTEMPTS)
+
+
+def _aria2c_x4(url: str, digest: str, scratch: Path) -> list[str]:
+    argv = common.retrying_aria2c_argv(url, digest, scratch, ATTEMPTS)
+    return ["aria2c", "-x4", "-s4", *[a for a in argv[1:] if a not in ("-x1", "-s1")]]
+
+
+def _docker_pull(url: str, digest: str, scratch: Path) -> list[str]:
+    raise NotImplementedError("docker pull: see the docker entry of TOOLS")
 
 
 @dataclass(frozen=True)
@@ -77,25 +150,49 @@ class Tool:
     key: str
     label: str
     argv: Callable[[str, str, Path], list[str]]  # (url, digest, scratch) → argv
-
-
-def _resumer(url: str, digest: str, scratch: Path) -> list[str]:
-    return common.retrying_fetch_argv(url, digest, scratch, ATTEMPTS)
-
-
-def _curl(url: str, digest: str, scratch: Path) -> list[str]:
-    return common.retrying_curl_argv(url, scratch, ATTEMPTS)
-
-
-def _aria2c(url: str, digest: str, scratch: Path) -> list[str]:
-    return common.retrying_aria2c_argv(url, digest, scratch, ATTEMPTS)
+    #: None when the tool runs; else why it is left out (stated in the results)
+    skip: Callable[[], str | None] = lambda: None
 
 
 TOOLS = [
-    Tool("resumer", "resumer fetch", _resumer),
+    Tool("resumer-k1", "resumer fetch (K = 1)", _resumer(1)),
+    Tool(
+        "resumer-k4",
+        f"resumer fetch {CONNECTIONS_FLAG} 4",
+        _resumer(4),
+        lambda: (
+            None
+            if resumer_has_connections_flag()
+            else f"`resumer fetch --help` has no {CONNECTIONS_FLAG} on this build"
+        ),
+    ),
     Tool("curl", "curl --retry 10", _curl),
-    Tool("aria2c", "aria2c -x1 -s1", _aria2c),
+    Tool("aria2c-x4", "aria2c -x4 -s4", _aria2c_x4),
+    # Hook for the dockerd peer (benchmarks/dockerd.py, on another branch): `docker pull`
+    # of a one-layer image holding the case's blob, dockerd in namespace a and a registry
+    # (not nginx) in namespace b. To enable: give this entry an argv and a skip that
+    # returns None, and start the registry beside nginx in one_run.
+    Tool(
+        "docker",
+        "docker pull (one layer)",
+        _docker_pull,
+        lambda: "hook only: dockerd as a peer comes with benchmarks/dockerd.py (another branch)",
+    ),
 ]
+
+
+def active_tools() -> tuple[list[Tool], dict[str, str]]:
+    run, skipped = [], {}
+    for t in TOOLS:
+        reason = t.skip()
+        if reason is None:
+            run.append(t)
+        else:
+            skipped[t.key] = reason
+    return run, skipped
+
+
+# --------------------------------------------------------------------------- one run
 
 
 def _start_nginx(link: LinkEmulator, docroot: Path, workdir: Path) -> subprocess.Popen[bytes]:
@@ -140,73 +237,190 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+_BYTES_RECEIVED = re.compile(r"\bbytes_received:(\d+)")
+
+
+def _ss(link: LinkEmulator, ns: str, *filt: str) -> list[tuple[str, str]]:
+    """``ss -tinH`` in ``ns``: (address line, info line) per socket."""
+    out = link.run(ns, ["ss", "-tinH", *filt], capture_output=True, text=True).stdout
+    pairs: list[tuple[str, str]] = []
+    for line in out.splitlines():
+        if line.startswith(("\t", " ")) and pairs:
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + line)
+        elif line.strip():
+            pairs.append((line, ""))
+    return pairs
+
+
+class Sampler:
+    """What the client's sockets received, and the congestion control of the server's."""
+
+    def __init__(self, link: LinkEmulator) -> None:
+        self.link = link
+        self.received: dict[str, int] = {}  # client ip:port → bytes received (max seen)
+        self.server_cc: set[str] = set()
+        self._known = set(linkemu.available_congestion_control())
+
+    def sample(self) -> None:
+        link = self.link
+        for head, info in _ss(link, link.ns_a, "dst", link.addr_b):
+            m = _BYTES_RECEIVED.search(info)
+            words = head.split()
+            if m and len(words) >= 5:
+                key = words[3]  # the local address: one key per connection
+                self.received[key] = max(self.received.get(key, 0), int(m.group(1)))
+        for _head, info in _ss(link, link.ns_b, "state", "established", "dst", link.addr_a):
+            self.server_cc.update(w for w in info.split() if w in self._known)
+
+    @property
+    def total(self) -> int:
+        return sum(self.received.values())
+
+
+@dataclass(frozen=True)
+class Windowed:
+    returncode: int | None  # None: stopped at the window
+    wall_s: float  # to exit, or to the last sample before the stop
+    received: int  # bytes the client's sockets received, summed (sampled)
+    connections: int
+    server_cc: list[str]
+    stdout: str
+    stderr_tail: str
+
+
+def run_windowed(link: LinkEmulator, argv: list[str], window_s: float, cwd: Path) -> Windowed:
+    """``argv`` in namespace a until it exits or ``window_s`` passes (then SIGKILL)."""
+    out_path, err_path = cwd / "tool.stdout", cwd / "tool.stderr"
+    sampler = Sampler(link)
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            link.exec_argv(link.ns_a, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            cwd=cwd,
+            start_new_session=True,  # `ip netns exec` execs the tool: its own group
+        )
+        code: int | None = None
+        while True:
+            left = window_s - (time.perf_counter() - t0)
+            try:
+                code = proc.wait(timeout=max(0.0, min(SAMPLE_S, left)))
+                wall = time.perf_counter() - t0
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            sampler.sample()
+            wall = time.perf_counter() - t0
+            if wall >= window_s:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = None
+                break
+    return Windowed(
+        code,
+        wall,
+        sampler.total,
+        len(sampler.received),
+        sorted(sampler.server_cc),
+        out_path.read_text(errors="replace"),
+        err_path.read_text(errors="replace").strip()[-600:],
+    )
+
+
 def one_run(
-    case: Case, tool: Tool, seed: int, docroot: Path, digest: str, scratch: Path
+    case: Case,
+    cc: str,
+    tool: Tool,
+    seed: int,
+    docroot: Path,
+    digest: str,
+    scratch: Path,
+    window_s: float,
 ) -> dict[str, Any]:
     common.fresh_dir(scratch)
-    with LinkEmulator(case.profile, seed) as link:
+    with LinkEmulator(case.profile, seed, server_cc=cc) as link:
         nginx = _start_nginx(link, docroot, scratch / "nginx")
         try:
             url = f"http://{link.addr_b}:{PORT}/{case.key}.bin"
-            res = common.run_bounded(
-                link.exec_argv(link.ns_a, tool.argv(url, digest, scratch)), LIMIT_S, cwd=scratch
-            )
+            res = run_windowed(link, tool.argv(url, digest, scratch), window_s, scratch)
         finally:
             _stop(nginx)
     out = scratch / "out.bin"
     done = res.returncode == 0 and out.is_file() and common.file_sha256(out) == digest
+    goodput = (case.size if done else res.received) * 8 / 1e6 / res.wall_s
     down = link.stats.get("down", {})
     return {
         "seed": seed,
+        "cc": cc,
+        "server_cc_via": link.server_cc_via,
+        "server_cc_seen": res.server_cc,
         "completed": done,
+        "stopped_at_window": res.returncode is None,
         "returncode": res.returncode,
         "wall_s": res.wall_s,
-        "goodput_mbit_s": case.size * 8 / 1e6 / res.wall_s if done else 0.0,
+        "received_bytes": res.received,
+        "goodput_mbit_s": goodput,
+        "ratio_to_rate": goodput / case.rate_mbit,
+        "connections": res.connections,
         "link_down_bytes": down.get("bytes", 0),
-        "link_down_ratio": down.get("bytes", 0) / case.size,
         # Packets b→a the link dropped (lost, burst, queue, outage): what TCP had to resend.
         "dropped_down": sum(down.get(k, 0) for k in ("loss", "burst", "queue", "outage")),
         "link_stats": link.stats,
         "tool_stats": common.json_stats(res.stdout),
-        "stderr_tail": "" if done else res.stderr_tail,
+        "stderr_tail": "" if done or res.returncode is None else res.stderr_tail,
     }
 
 
-def measure(rounds: int, cases: list[Case]) -> dict[str, Any]:
+# --------------------------------------------------------------------------- the benchmark
+
+
+def measure(
+    rounds: int, cases: list[Case], ccs: list[str], tools: list[Tool], window_s: float
+) -> dict[str, Any]:
     work = common.WORK / NAME
     docroot = work / "docroot"
     digests = {c.key: common.random_blob(docroot / f"{c.key}.bin", c.size, SEED) for c in cases}
     removed = linkemu.remove_stale_namespaces()
     if removed:
         print(f"removed stale namespaces: {removed}", flush=True)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        c.key: {t.key: [] for t in TOOLS} for c in cases
+    runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
+        c.key: {cc: {t.key: [] for t in tools} for cc in ccs} for c in cases
     }
     scratch = work / "scratch"
-    for case in cases:
-        for r in range(rounds):
-            for tool in common.rotated(TOOLS, r):
-                row = one_run(case, tool, SEED + r, docroot, digests[case.key], scratch)
-                runs[case.key][tool.key].append(row)
-                print(
-                    f"{case.key:9s} round {r + 1}/{rounds} {tool.key:8s} "
-                    f"{'ok  ' if row['completed'] else 'FAIL'} {row['wall_s']:6.1f} s "
-                    f"{row['goodput_mbit_s']:6.2f} Mbit/s link/blob "
-                    f"{row['link_down_ratio']:.3f}",
-                    flush=True,
-                )
-    shutil.rmtree(scratch, ignore_errors=True)
-    return {"digests": digests, "runs": runs}
+    log = work / "rows.jsonl"  # every row as it is measured, should the run be cut short
+    log.unlink(missing_ok=True)
+    t_start = time.monotonic()
+    for r in range(rounds):
+        for case in cases:
+            for cc in common.rotated(ccs, r):
+                for tool in common.rotated(tools, r):
+                    row = one_run(
+                        case, cc, tool, SEED + r, docroot, digests[case.key], scratch, window_s
+                    )
+                    runs[case.key][cc][tool.key].append(row)
+                    with log.open("a") as f:
+                        f.write(json.dumps({"case": case.key, "tool": tool.key, **row}) + "\n")
+                    print(
+                        f"[{time.monotonic() - t_start:6.0f} s] round {r + 1}/{rounds} "
+                        f"{case.key:9s} {cc:5s} {tool.key:10s} "
+                        f"{_state(row)} "
+                        f"{row['wall_s']:5.1f} s {row['goodput_mbit_s']:7.3f} Mbit/s "
+                        f"({row['ratio_to_rate']:.3f} of rate) conns {row['connections']} "
+                        f"server cc {','.join(row['server_cc_seen']) or '?'}",
+                        flush=True,
+                    )
+    common.fresh_dir(scratch)
+    return {"digests": digests, "runs": runs, "elapsed_s": time.monotonic() - t_start}
 
 
-def _header(data: dict[str, Any]) -> list[str]:
-    ver = data["versions"]
-    return [
-        common.machine_line(data["machine"]),
-        f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
-        f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; {ver['nginx']}; TCP congestion "
-        f"control {data.get('tcp_cc', '?')}.",
-    ]
+def _state(row: dict[str, Any]) -> str:
+    return "done" if row["completed"] else "WIN " if row["stopped_at_window"] else "FAIL"
+
+
+def _mark(row: dict[str, Any]) -> str:
+    return "✓" if row["completed"] else "◷" if row["stopped_at_window"] else "✗"
 
 
 def _tcp_cc() -> str:
@@ -216,141 +430,331 @@ def _tcp_cc() -> str:
         return "unknown"
 
 
-def summarise(rounds: int, cases: list[Case], measured: dict[str, Any]) -> dict[str, Any]:
-    med: dict[str, dict[str, Any]] = {}
+def _goals(med: dict[str, Any], tools: list[Tool]) -> list[dict[str, Any]]:
+    """The issue's goals, as ratios of this run's medians."""
+    keys = {t.key for t in tools}
+    resumers = [k for k in ("resumer-k1", "resumer-k4") if k in keys]
+    out: list[dict[str, Any]] = []
+
+    def g(case: str, cc: str, tool: str) -> float | None:
+        try:
+            return float(med[case][cc][tool]["goodput_mbit_s"])
+        except KeyError:
+            return None
+
+    for rk in resumers:
+        r, curl, aria = (
+            g("geo", "cubic", rk),
+            g("geo", "cubic", "curl"),
+            g("geo", "cubic", "aria2c-x4"),
+        )
+        if r is not None and curl is not None:
+            out.append(
+                {
+                    "goal": f"GEO, CUBIC: {rk} ≥ {GOAL_CURL_FACTOR:g}× curl",
+                    "value": r / curl if curl else float("inf"),
+                    "target": GOAL_CURL_FACTOR,
+                    "met": curl == 0 or r / curl >= GOAL_CURL_FACTOR,
+                    "unit": "× curl",
+                }
+            )
+        if r is not None and aria is not None:
+            out.append(
+                {
+                    "goal": f"GEO, CUBIC: {rk} ≥ aria2c -x4 -s4",
+                    "value": r / aria if aria else float("inf"),
+                    "target": 1.0,
+                    "met": aria == 0 or r / aria >= 1.0,
+                    "unit": "× aria2c",
+                }
+            )
+        for case in ("geo", "leo", "rural-lte"):
+            try:
+                ratio = float(med[case]["bbr"][rk]["ratio_to_rate"])
+            except KeyError:
+                continue
+            out.append(
+                {
+                    "goal": f"{case}, BBR: {rk} ≥ {GOAL_BBR_RATIO:g} × link rate",
+                    "value": ratio,
+                    "target": GOAL_BBR_RATIO,
+                    "met": ratio >= GOAL_BBR_RATIO,
+                    "unit": "× rate",
+                }
+            )
+    return out
+
+
+def summarise(
+    rounds: int,
+    cases: list[Case],
+    ccs: list[str],
+    tools: list[Tool],
+    skipped: dict[str, str],
+    window_s: float,
+    measured: dict[str, Any],
+) -> dict[str, Any]:
+    med: dict[str, dict[str, dict[str, Any]]] = {}
     for case in cases:
         med[case.key] = {}
-        for key, rows in measured["runs"][case.key].items():
-            med[case.key][key] = common.outcome_medians(
-                rows, ["wall_s", "goodput_mbit_s", "link_down_ratio", "dropped_down"]
-            )
+        for cc in ccs:
+            med[case.key][cc] = {}
+            for key, rows in measured["runs"][case.key][cc].items():
+                m = common.outcome_medians(
+                    rows,
+                    ["wall_s", "goodput_mbit_s", "ratio_to_rate", "connections", "dropped_down"],
+                )
+                m["stopped_at_window"] = sum(1 for x in rows if x["stopped_at_window"])
+                m["server_cc_seen"] = sorted({c for x in rows for c in x["server_cc_seen"]})
+                med[case.key][cc][key] = m
+    via = sorted(
+        {
+            x["server_cc_via"]
+            for c in measured["runs"].values()
+            for cc in c.values()
+            for rs in cc.values()
+            for x in rs
+        }
+        - {None}
+    )
     return {
         "benchmark": NAME,
         "ran": True,
         "date": common.now_utc(),
         "machine": common.machine(),
         "versions": common.peer_versions(),
-        "tcp_cc": _tcp_cc(),
+        "root_tcp_cc": _tcp_cc(),
+        "available_cc": linkemu.available_congestion_control(),
+        "server_cc_via": via,
         "seed": SEED,
         "seeds_per_round": [SEED + r for r in range(rounds)],
         "rounds": rounds,
+        "window_s": window_s,
+        "sample_s": SAMPLE_S,
+        "elapsed_s": measured["elapsed_s"],
+        "ccs": ccs,
         "cases": {
             c.key: {
                 "note": c.note,
                 "size": c.size,
+                "rate_mbit_s": c.rate_mbit,
+                "up_fraction": c.up_fraction,
                 "digest": measured["digests"][c.key],
                 "profile": dataclasses.asdict(c.profile),
             }
             for c in cases
         },
-        "tools": {t.key: t.label for t in TOOLS},
+        "tools": {t.key: t.label for t in tools},
+        "tools_not_run": skipped,
+        "resumer_has_connections_flag": resumer_has_connections_flag(),
         "method": (
-            "a fresh LinkEmulator (seed SEED+round) and a fresh nginx in namespace b "
-            "for every run; client in namespace a; tools alternate, order rotated per "
-            "round; wall from spawn to exit, capped at "
-            f"{LIMIT_S:.0f} s; goodput = blob bits / wall (0 if not completed); "
-            "link/blob = IP bytes the relay delivered b→a (headers and delivered TCP "
-            "retransmissions included; ~1.036 is header overhead alone, more means "
-            "bytes fetched twice) / blob size; dropped = b→a packets the link dropped"
+            "a fresh LinkEmulator (seed SEED+round) and a fresh nginx in namespace b for "
+            "every run, b's TCP congestion control set to the pass's algorithm; client in "
+            "namespace a; tools and the two algorithms alternate, order rotated per round. "
+            f"Each run ends at the verified blob or at the {window_s:g} s window "
+            "(SIGKILL). Completed: goodput = blob bits / wall (spawn to exit). Stopped at "
+            "the window: goodput = bytes the client's sockets received in order (ss "
+            f"bytes_received, every connection of the run, sampled every {SAMPLE_S:g} s, "
+            "the last at the window's end) / the time of that last sample. Ratio = "
+            "goodput / the profile's nominal down rate (an IP-packet rate: TCP headers "
+            f"alone cap the ratio at {HEADER_CEILING:.3f}, outages lower it further)"
         ),
         "medians": med,
+        "goals": _goals(med, tools),
         "runs": measured["runs"],
     }
 
 
+def _cell(d: dict[str, Any]) -> list[str]:
+    done = f"{d['completed']}/{d['runs']}"
+    return [
+        f"{d['goodput_mbit_s']:.3f}",
+        f"{d['ratio_to_rate']:.3f}",
+        done,
+        f"{d['connections']:g}",
+    ]
+
+
 def render(data: dict[str, Any]) -> str:
+    ver = data["versions"]
+    ccs = data["ccs"]
+    w = data["window_s"]
     out = [
         "# Link profiles (`python -m benchmarks links`)\n",
-        f"Measured {data['date']}; {data['rounds']} runs per tool and profile; seeds "
-        f"{', '.join(str(s) for s in data['seeds_per_round'])}.\n",
-        *_header(data),
+        f"Measured {data['date']}; {data['rounds']} rounds (runs per tool, profile and "
+        f"congestion control); seeds {', '.join(str(s) for s in data['seeds_per_round'])}; "
+        f"the whole run took {data['elapsed_s'] / 60:.1f} min.\n",
+        common.machine_line(data["machine"]),
+        f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
+        f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; {ver['nginx']}.",
+        f"- **Server congestion control:** {' and '.join(c.upper() for c in ccs)}, one pass "
+        f"each, set in namespace b only (via: {', '.join(data['server_cc_via'])}: the "
+        "kernel refuses `sysctl net.ipv4.tcp_congestion_control=cubic` outside the root "
+        "namespace because cubic is not in the root's tcp_allowed_congestion_control, so "
+        "it goes on b's route, `ip route … congctl cubic`; bbr takes the sysctl). Every "
+        "run checked with `ss -ti` in b which algorithm the server's sockets used: column "
+        f'"server cc seen". The root namespace\'s default is {data["root_tcp_cc"]}; the '
+        "client side's algorithm is irrelevant (it sends only requests and ACKs).",
+        f"- **Time window:** every run ends at the verified blob or after {w:g} s "
+        "(SIGKILL of the tool's process group). A completed run's goodput = blob bits / "
+        "wall (spawn to exit, verification included). A run stopped at the window: bytes "
+        "the client's TCP sockets received in order (`ss -ti` bytes_received, summed over "
+        f"every connection of the run, sampled every {data['sample_s']:g} s, the last "
+        "sample at the window's end, just before the kill) / the time of that sample. So "
+        f"figures for stopped runs are the goodput of the first {w:g} s, slow start "
+        "included; bytes a connection received after the last sample before it closed "
+        "are missed (≤ 0.5 s of it), and bytes curl would discard on a restart are counted.",
+        "- **Ratio** = goodput / the profile's nominal down rate, which counts whole IP "
+        f"packets: TCP/IP headers alone cap it at {HEADER_CEILING:.3f}, and outages lower "
+        'the ceiling further (column "ceiling" = 0.965 × the share of time the link is '
+        "up).",
         f"- **Method:** {data['method']}.",
         "- **Retries:** resumer 11 attempts, linear 1 s step; curl 1 + 10 retries, 1 s, "
-        "from byte 0; aria2c 11 tries, 1 s, resumes.\n",
-        "## Medians\n",
+        "from byte 0; aria2c 11 tries, 1 s, resumes.",
     ]
+    for key, reason in data["tools_not_run"].items():
+        out.append(f"- **Not run:** `{key}`: {reason}.")
+    out.append("")
+
+    out.append("## Goals (issue 10), medians of this run\n")
+    grows = [
+        [
+            g["goal"],
+            f"{g['value']:.3f} {g['unit']}",
+            f"{g['target']:g}",
+            "met" if g["met"] else "**missed**",
+        ]
+        for g in data["goals"]
+    ]
+    out.append(common.markdown_table(["goal", "measured", "target", ""], grows))
+
+    out.append(
+        "## Medians: goodput (Mbit/s) and ratio to the link rate, "
+        f"{' vs '.join(c.upper() for c in ccs)}\n"
+    )
+    out.append(
+        "completed = runs that finished the blob inside the window, of all runs; conns = "
+        "median number of TCP connections the tool opened.\n"
+    )
+    header = ["profile", "blob", "rate", "ceiling", "tool"]
+    for cc in ccs:
+        u = cc.upper()
+        header += [f"{u} goodput", f"{u} ratio", f"{u} completed", f"{u} conns"]
     rows = []
     for key, case in data["cases"].items():
-        for t in TOOLS:
-            d = data["medians"][key][t.key]
-            rows.append(
-                [
-                    key,
-                    f"{case['size'] // MiB} MiB",
-                    t.label,
-                    f"{d['completed']}/{d['runs']}",
-                    f"{d['wall_s']:.1f}",
-                    f"{d['goodput_mbit_s']:.2f}",
-                    f"{d['link_down_ratio']:.3f}",
-                    f"{d['dropped_down']:.0f}",
-                ]
-            )
+        for t in data["tools"]:
+            row = [
+                key,
+                f"{case['size'] // MiB} MiB",
+                f"{case['rate_mbit_s']:g} Mbit/s",
+                f"{HEADER_CEILING * case['up_fraction']:.3f}",
+                data["tools"][t],
+            ]
+            for cc in ccs:
+                row += _cell(data["medians"][key][cc][t])
+            rows.append(row)
+    out.append(common.markdown_table(header, rows))
+
+    out.append("## Profiles\n")
+    out += [f"- **{k}**: {c['note']}; blob {c['size']} bytes." for k, c in data["cases"].items()]
+    out.append("\n## Every run (goodput Mbit/s; ✓ completed, ◷ stopped at the window, ✗ failed)\n")
+    per = []
+    for key in data["cases"]:
+        for cc in ccs:
+            for t in data["tools"]:
+                rs = data["runs"][key][cc][t]
+                per.append(
+                    [
+                        key,
+                        cc,
+                        data["tools"][t],
+                        ", ".join(f"{x['goodput_mbit_s']:.3f}{_mark(x)}" for x in rs),
+                        ", ".join(f"{x['wall_s']:.1f}" for x in rs),
+                        ", ".join(str(x["connections"]) for x in rs),
+                        ", ".join(f"{x['dropped_down']}" for x in rs),
+                        ", ".join(sorted({c for x in rs for c in x["server_cc_seen"]})) or "?",
+                    ]
+                )
     out.append(
         common.markdown_table(
             [
                 "profile",
-                "blob",
+                "cc",
                 "tool",
-                "completed",
-                "median wall (s)",
-                "median goodput (Mbit/s)",
-                "median delivered link bytes / blob",
-                "median packets dropped b→a",
+                "goodput",
+                "wall (s)",
+                "conns",
+                "dropped b→a",
+                "server cc seen",
             ],
-            rows,
+            per,
         )
     )
-    out.append("## Profiles\n")
-    out += [f"- **{k}**: {c['note']}; blob {c['size']} bytes." for k, c in data["cases"].items()]
-    out.append("\n## Every run (✗ = not completed)\n")
-    per = []
-    for key in data["cases"]:
-        for t in TOOLS:
-            rs = data["runs"][key][t.key]
-            per.append(
-                [
-                    key,
-                    t.label,
-                    ", ".join(f"{x['wall_s']:.1f}{'' if x['completed'] else '✗'}" for x in rs),
-                    ", ".join(f"{x['link_down_ratio']:.2f}" for x in rs),
-                ]
-            )
-    out.append(common.markdown_table(["profile", "tool", "wall (s)", "link bytes / blob"], per))
     fails = [
-        (k, t.label, x)
+        (k, cc, data["tools"][t], x)
         for k in data["cases"]
-        for t in TOOLS
-        for x in data["runs"][k][t.key]
-        if not x["completed"]
+        for cc in ccs
+        for t in data["tools"]
+        for x in data["runs"][k][cc][t]
+        if not x["completed"] and not x["stopped_at_window"]
     ]
     if fails:
-        out.append("Failures (last stderr line):\n")
+        out.append("Failures inside the window (last stderr line):\n")
         out += [
-            f"- {k}, {label}, seed {x['seed']} (exit {x['returncode']}): "
+            f"- {k}, {cc}, {label}, seed {x['seed']} (exit {x['returncode']}): "
             f"`{(x['stderr_tail'].splitlines() or [''])[-1][:200]}`"
-            for k, label, x in fails
+            for k, cc, label, x in fails
         ]
         out.append("")
-    out.append("![wall time and goodput per profile](links.png)\n")
+    out.append(
+        "![goodput per tool, CUBIC and BBR side by side, one panel per profile](links.png)\n"
+    )
     return "\n".join(out)
 
 
 def plot(data: dict[str, Any]) -> Path:
-    cells = [(k, t) for k in data["cases"] for t in TOOLS]
-    labels = [f"{k}: {t.key}" for k, t in cells]
-    panels = common.outcome_panels(
-        [(data["medians"][k][t.key], data["runs"][k][t.key]) for k, t in cells],
-        ("wall_s", "goodput_mbit_s"),
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(data["cases"])
+    tools = list(data["tools"])
+    ccs = data["ccs"]
+    colors = {"cubic": "#dd8452", "bbr": "#4c72b0"}
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.8 * len(cases), 4.8), squeeze=False)
+    width = 0.8 / len(ccs)
+    for ax, key in zip(axes[0], cases, strict=True):
+        case = data["cases"][key]
+        rate = case["rate_mbit_s"]
+        for j, cc in enumerate(ccs):
+            xs = [i + (j - (len(ccs) - 1) / 2) * width for i in range(len(tools))]
+            meds = [data["medians"][key][cc][t]["goodput_mbit_s"] for t in tools]
+            ax.bar(xs, meds, width, color=colors.get(cc), alpha=0.85, label=cc.upper())
+            for x, t, m in zip(xs, tools, meds, strict=True):
+                vals = [r["goodput_mbit_s"] for r in data["runs"][key][cc][t]]
+                ax.plot([x] * len(vals), vals, "k.", markersize=4)
+                ax.annotate(f"{m / rate:.2f}", (x, m), ha="center", va="bottom", fontsize=7)
+        ax.axhline(rate, color="grey", linestyle=":", linewidth=1, label="link rate")
+        ax.axhline(
+            GOAL_BBR_RATIO * rate, color="#c44e52", linestyle="--", linewidth=1, label="0.8 × rate"
+        )
+        ax.set_xticks(range(len(tools)))
+        ax.set_xticklabels([data["tools"][t] for t in tools], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("goodput (Mbit/s); labels: ratio to rate")
+        ax.set_title(f"{key}: {case['size'] // MiB} MiB, {rate:g} Mbit/s", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(
+        f"Emulated links, server CUBIC vs BBR, median of {data['rounds']}, "
+        f"≤ {data['window_s']:g} s per run ({data['date'][:10]})"
     )
-    return common.plot_bars(
-        common.RESULTS / f"{NAME}.png",
-        f"Emulated links, one blob, median of {data['rounds']} ({data['date'][:10]})",
-        labels,
-        [
-            ("wall time (s)", *panels["wall_s"], None),
-            ("goodput (Mbit/s)", *panels["goodput_mbit_s"], None),
-        ],
-    )
+    fig.tight_layout()
+    path = common.RESULTS / f"{NAME}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_skipped(reason: str) -> int:
@@ -378,23 +782,33 @@ def write_skipped(reason: str) -> int:
 def main(argv: list[str]) -> int:
     p = common.parser(NAME, __doc__)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--window", type=float, default=WINDOW_S, help="seconds per run at most")
     p.add_argument(
         "--profile",
         choices=[c.key for c in CASES],
         action="append",
         help="only this profile (repeatable; default: all)",
     )
+    p.add_argument("--cc", choices=CCS, action="append", help="only this server cc (repeatable)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be ≥ 1")
+    if args.rounds < 1 or args.window <= 0:
+        p.error("--rounds must be ≥ 1 and --window > 0")
     try:
         linkemu.check_environment()
     except LinkLabError as exc:
         return 0 if args.no_write else write_skipped(str(exc))
-    if common.missing_tools(NAME, ("nginx", "curl", "aria2c")):
+    if common.missing_tools(NAME, ("nginx", "curl", "aria2c", "ss")):
         return 1
     cases = [c for c in CASES if args.profile is None or c.key in args.profile]
-    measured = measure(args.rounds, cases)
-    data = summarise(args.rounds, cases, measured)
+    ccs = [c for c in CCS if args.cc is None or c in args.cc]
+    tools, skipped = active_tools()
+    bound = args.rounds * len(cases) * len(ccs) * len(tools) * (args.window + 2)
+    print(
+        f"links: {len(cases)} profiles × {len(ccs)} cc × {len(tools)} tools × {args.rounds} "
+        f"rounds, ≤ {args.window:g} s each: at most ~{bound / 60:.0f} min",
+        flush=True,
+    )
+    measured = measure(args.rounds, cases, ccs, tools, args.window)
+    data = summarise(args.rounds, cases, ccs, tools, skipped, args.window, measured)
     return common.finish(NAME, render(data), data, plot, no_write=args.no_write)

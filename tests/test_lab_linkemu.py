@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +28,7 @@ from resumer.lab.linkemu import (
     LinkEmulator,
     LinkProfile,
     Shaper,
+    available_congestion_control,
     check_environment,
     remove_stale_namespaces,
 )
@@ -320,3 +323,73 @@ def test_namespaces_of_dead_processes_are_removed() -> None:
         assert name not in _namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+# -- the server side's congestion control ------------------------------------------------
+
+SLOW_SOURCE = """
+import socket, time
+s = socket.socket(); s.bind(("0.0.0.0", 7003)); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept(); c.sendall(bytes(4 << 20)); time.sleep(0.5); c.close()
+"""
+SLOW_SINK = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], 7003), timeout=20)
+time.sleep(1.5)  # hold the connection open (window full) while the test looks at it
+while c.recv(1 << 20): pass
+"""
+
+
+def _socket_cc(link: LinkEmulator) -> list[str]:
+    """The congestion control named by ``ss -ti`` for b's connected sockets towards a."""
+    out = link.run(
+        link.ns_b,
+        ["ss", "-tinH", "state", "established", "dst", link.addr_a],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # Each socket: a line with the addresses, then an indented info line naming the cc
+    # (after options such as "ts sack", when the connection has them).
+    known = set(available_congestion_control())
+    return [
+        next((w for w in line.split() if w in known), "?")
+        for line in out.splitlines()
+        if line.startswith(("\t", " "))
+    ]
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("cc", ["cubic", "bbr"])
+def test_server_namespace_reports_the_chosen_congestion_control(cc: str) -> None:
+    if cc not in available_congestion_control() and shutil.which("modprobe") is None:
+        pytest.skip(f"{cc} is not available and there is no modprobe")
+    with LinkEmulator(LinkProfile(delay_ms=20, rate_bps=20e6), seed=1, server_cc=cc) as link:
+        assert link.server_cc_via in ("sysctl", "route")
+        if link.server_cc_via == "sysctl":
+            assert link.congestion_control(link.ns_b) == cc
+        else:  # restricted in a non-root namespace: set on b's route to a
+            assert link.route_congestion_control(link.ns_b) == cc
+        source = _start(link, link.ns_b, SLOW_SOURCE)
+        sink = link.popen(link.ns_a, [sys.executable, "-c", SLOW_SINK, link.addr_b])
+        try:
+            seen: list[str] = []
+            for _ in range(50):  # the connection is up within a few RTTs
+                seen = _socket_cc(link)
+                if seen:
+                    break
+                time.sleep(0.02)
+            assert seen == [cc], seen
+        finally:
+            sink.wait(timeout=30)
+            source.wait(timeout=30)
+
+
+def test_an_unknown_congestion_control_is_refused_with_the_reason() -> None:
+    if _unavailable() is not None:
+        pytest.skip(str(_unavailable()))
+    link = LinkEmulator(LinkProfile(), server_cc="no-such-cc")
+    with pytest.raises(LinkLabError, match="'no-such-cc' is not available here"):
+        link.start()

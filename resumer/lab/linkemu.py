@@ -13,6 +13,9 @@ Side "a" is the client (resumer, curl, …) and side "b" the server (registry, n
         server = link.popen(link.ns_b, ["nginx", ...])
         link.run(link.ns_a, ["curl", f"http://{link.addr_b}/blob"])
 
+``LinkEmulator(..., server_cc="cubic")`` sets the TCP congestion control of namespace b
+(the server side: the sender of a download) to that algorithm; see `LinkEmulator`.
+
 ``LinkEmulator`` needs root, /dev/net/tun and the ``ip`` tool; without them it raises
 `LinkLabError` saying which one is missing. Its addresses (10.213.0.1 and 10.213.0.2)
 exist only inside the two namespaces it creates, which are deleted on exit, even on error.
@@ -53,11 +56,14 @@ __all__ = [
     "LinkEmulator",
     "LinkProfile",
     "Shaper",
+    "available_congestion_control",
     "check_environment",
     "remove_stale_namespaces",
 ]
 
 TUN_PATH = "/dev/net/tun"
+_CC_SYSCTL = "net.ipv4.tcp_congestion_control"
+_CC_PROC = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
@@ -350,6 +356,15 @@ class LinkEmulator:
     setup and teardown (a few ``ip`` commands, ~0.1 s) in a thread. ``start()`` and
     ``close()`` do the same as entering and leaving. After `close`, `stats` holds the
     relay's per-direction counts ("up" is a→b, "down" is b→a).
+
+    ``server_cc`` (e.g. ``"cubic"``, ``"bbr"``) is the TCP congestion control of
+    namespace b. It is set with ``sysctl net.ipv4.tcp_congestion_control`` inside the
+    namespace; the kernel refuses that in a namespace other than the root one for an
+    algorithm that is not in the root's ``tcp_allowed_congestion_control`` (EPERM), and
+    then it is set on namespace b's route to a instead (``ip route … congctl ALG``),
+    which every socket of b towards a uses. `server_cc_via` says which (``"sysctl"`` or
+    ``"route"``); the machine's own settings are never changed. An algorithm the kernel
+    does not have is loaded with ``modprobe tcp_ALG`` first, else `LinkLabError`.
     """
 
     addr_a = "10.213.0.1"
@@ -361,10 +376,13 @@ class LinkEmulator:
         seed: int = 0,
         *,
         check: Callable[[], None] = check_environment,
+        server_cc: str | None = None,
     ) -> None:
         self.profile = profile
         self.seed = seed
         self._check = check
+        self.server_cc = server_cc
+        self.server_cc_via: str | None = None
         n = next(_counter)
         pid = os.getpid()
         self.ns_a = f"rsm-{pid}-{n}-a"
@@ -484,6 +502,8 @@ class LinkEmulator:
                 # ring deep so that the profile's queue_limit is the only drop-tail.
                 self._ip("-n", ns, "link", "set", "dev", dev, "txqueuelen", "10000", "up")
                 self._ip("-n", ns, "link", "set", "dev", "lo", "up")
+            if self.server_cc is not None:
+                self._set_server_cc(self.server_cc)
             argv = [
                 sys.executable,
                 "-m",
@@ -521,6 +541,70 @@ class LinkEmulator:
             _, err = self._relay.communicate()
             self._relay = None
             raise LinkLabError(f"link relay did not start: {err.strip() or 'no output'}")
+
+    def _set_server_cc(self, cc: str) -> None:
+        if cc not in available_congestion_control():
+            tried = "no modprobe here"
+            if shutil.which("modprobe") is not None:
+                subprocess.run(["modprobe", f"tcp_{cc}"], capture_output=True, check=False)
+                tried = f"modprobe tcp_{cc} did not help"
+            if cc not in available_congestion_control():
+                raise LinkLabError(
+                    f"TCP congestion control {cc!r} is not available here "
+                    f"(have: {' '.join(available_congestion_control())}; {tried})"
+                )
+        done = self.run(
+            self.ns_b, ["sysctl", "-qw", f"{_CC_SYSCTL}={cc}"], capture_output=True, text=True
+        )
+        if done.returncode == 0 and self.congestion_control(self.ns_b) == cc:
+            self.server_cc_via = "sysctl"
+            return
+        # EPERM: cc is "restricted" outside the root namespace. The route's congctl is not.
+        prefix = f"{self.addr_b.rsplit('.', 1)[0]}.0/30"
+        self._ip(
+            "-n",
+            self.ns_b,
+            "route",
+            "replace",
+            prefix,
+            "dev",
+            self._dev_b,
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            self.addr_b,
+            "congctl",
+            cc,
+        )
+        self.server_cc_via = "route"
+
+    def congestion_control(self, ns: str) -> str:
+        """Namespace ``ns``'s ``net.ipv4.tcp_congestion_control``."""
+        done = self.run(ns, ["sysctl", "-n", _CC_SYSCTL], capture_output=True, text=True)
+        return str(done.stdout.strip())
+
+    def route_congestion_control(self, ns: str) -> str | None:
+        """The ``congctl`` on namespace ``ns``'s route to the other side, if any."""
+        done = self.run(ns, ["ip", "route", "show"], capture_output=True, text=True)
+        for line in done.stdout.splitlines():
+            words = line.split()
+            if "congctl" in words:
+                i = words.index("congctl") + 1
+                if i < len(words) and words[i] == "lock":
+                    i += 1
+                return words[i] if i < len(words) else None
+        return None
+
+
+def available_congestion_control() -> list[str]:
+    """The TCP congestion control algorithms this kernel has loaded."""
+    try:
+        with open(_CC_PROC) as f:
+            return f.read().split()
+    except OSError:
+        return []
 
 
 def _package_root() -> str:
