@@ -169,16 +169,24 @@ async def run(
                 if claim in plan.opening:
                     plan.opening.remove(claim)
             plan.active.append(seg)
+            cancelled = False
             try:
                 kept = await request(seg, plan)
             except TransferError as exc:
                 errors.append(exc)
                 return
+            except asyncio.CancelledError:
+                # The transfer is being stopped: the stream stays with the partial, whose
+                # close hands on and checkpoints what it gathered. Waiting for room here
+                # could wait for good (a process that died has no pipeline left).
+                cancelled = True
+                raise
             finally:
                 # Closed (its bytes handed on) before its range looks free: the next
                 # stream there may start mid-chunk, after those bytes.
                 try:
-                    await partial.close_segment(seg)
+                    if not cancelled:
+                        await partial.close_segment(seg)
                 finally:
                     plan.active.remove(seg)
             if kept is None:  # a 200 to a range not from 0: handed back
