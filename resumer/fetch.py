@@ -341,15 +341,10 @@ async def _segment_request(
         def limit() -> int | None:
             return seg.end if seg.end is not None else asked
 
-        async def take(data: bytes) -> None:
+        async def take(data: bytes) -> bool:
             nonlocal kept
             n = len(data)
-            out.wire_bytes += n
-            watchdog.progress(n)
-            limiter = _LIMITER.get()
-            if limiter is not None:
-                # The one rate cap, shared with every other connection and transfer.
-                await limiter.take(n, lambda: watchdog.progress(0))
+            limiter = await _count(out, watchdog, n)
             stop = limit()
             keep = n if stop is None else max(0, min(n, stop - seg.offset))
             if keep:
@@ -363,24 +358,12 @@ async def _segment_request(
                 shrunk = stop is not None and asked is not None and stop < asked
                 out.discard(n - keep, "segment-overlap" if shrunk else "overlong-body")
             stop = limit()
-            if limiter is not None and (stop is None or seg.offset < stop):
+            more = stop is None or seg.offset < stop
+            if limiter is not None and more:
                 limiter.check()  # the run's wire budget: stop once spent (this read is kept)
+            return more
 
-        content = resp.content
-        while (stop := limit()) is None or seg.offset < stop:
-            try:
-                data, _ = await content.readchunk()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                for piece in _salvage(content):
-                    await take(piece)
-                if watchdog.stalled:
-                    raise StallError(f"{where}: {watchdog.stalled}") from exc
-                raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {seg.offset}") from exc
-            if not data:
-                break
-            await take(data)
-        if watchdog.stalled:
-            raise StallError(f"{where}: {watchdog.stalled}")
+        await _read_pieces(resp.content, take, watchdog, where, lambda: seg.offset)
         stop = limit()
         if stop is not None and seg.offset < stop:
             raise ConnectionCutError(f"{where}: connection closed at byte {seg.offset} of {stop}")
@@ -576,13 +559,7 @@ async def _read_body(
         """Take one received piece; False once every hole is filled (stop reading)."""
         nonlocal pos
         n = len(data)
-        out.wire_bytes += n
-        watchdog.progress(n)
-        limiter = _LIMITER.get()
-        if limiter is not None:
-            # The rate cap: wait for this read's tokens (booked against the budget first);
-            # waiting for them is our pause, not the server's silence.
-            await limiter.take(n, lambda: watchdog.progress(0))
+        limiter = await _count(out, watchdog, n)
         view = memoryview(data)
         while view:
             if not holes:
@@ -619,29 +596,51 @@ async def _read_body(
             await _read_direct(resp, sink, out, consume, watchdog, on_bytes, where)
             return lone[1] is None
 
-    content = resp.content
+    await _read_pieces(resp.content, consume, watchdog, where, lambda: pos)
+    if holes and (holes[0][1] is not None or pos < holes[0][0]):
+        want = holes[0][1] if holes[0][1] is not None else holes[0][0]
+        raise ConnectionCutError(f"{where}: connection closed at byte {pos} of {want}")
+    return bool(holes) and holes[-1][1] is None
+
+
+async def _count(out: Outcome, watchdog: _Watchdog, n: int) -> Limiter | None:
+    """Book ``n`` received bytes: the wire count, the stall watchdog, and the rate cap
+    (wait for this read's tokens, booked against the budget first: waiting for them is
+    our pause, not the server's silence). The limiter, for the caller's budget check."""
+    out.wire_bytes += n
+    watchdog.progress(n)
+    limiter = _LIMITER.get()
+    if limiter is not None:
+        await limiter.take(n, lambda: watchdog.progress(0))
+    return limiter
+
+
+async def _read_pieces(
+    content: aiohttp.StreamReader,
+    take: Callable[[bytes], Awaitable[bool]],
+    watchdog: _Watchdog,
+    where: str,
+    at: Callable[[], int],
+) -> None:
+    """Hand each received piece of a body to ``take`` until it says stop (False) or the
+    body ends. A broken connection first hands on what aiohttp had buffered ahead of
+    the cut (it raises before returning it), then fails the attempt: a StallError if the
+    watchdog ended it, else a ConnectionCutError naming byte ``at()``."""
     while True:
         try:
             # readchunk hands over one received buffer as is; readany would join them all.
             data, _ = await content.readchunk()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            # aiohttp raises before handing over what arrived ahead of the cut: keep it.
             for piece in _salvage(content):
-                if not await consume(piece):
+                if not await take(piece):
                     break
             if watchdog.stalled:
                 raise StallError(f"{where}: {watchdog.stalled}") from exc
-            raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {pos}") from exc
-        if not data:
-            break
-        if not await consume(data):
+            raise ConnectionCutError(f"{where}: {_describe(exc)} at byte {at()}") from exc
+        if not data or not await take(data):
             break
     if watchdog.stalled:
         raise StallError(f"{where}: {watchdog.stalled}")
-    if holes and (holes[0][1] is not None or pos < holes[0][0]):
-        want = holes[0][1] if holes[0][1] is not None else holes[0][0]
-        raise ConnectionCutError(f"{where}: connection closed at byte {pos} of {want}")
-    return bool(holes) and holes[-1][1] is None
 
 
 def _inside(pos: int, size: int | None) -> bool:
