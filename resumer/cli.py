@@ -158,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(rs, transfer=False)
 
+    sv = sub.add_parser(
+        "serve", help="run as the gateway's registry mirror: every engine's pull resumable"
+    )
+    sv.add_argument(
+        "--listen",
+        default="127.0.0.1:5000",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:5000; port 0 picks a free one); "
+        "anything but loopback is logged as a warning",
+    )
+    sv.add_argument(
+        "--upstream",
+        default="docker.io",
+        metavar="REGISTRY",
+        help="registry for requests without ?ns= (dockerd and podman send none)",
+    )
+    sv.add_argument("--registry-mirror", action="append", metavar="URL")
+    sv.add_argument("--insecure-registry", action="append", metavar="HOST[:PORT]")
+    _common(sv)
+
     _add_demo_parser(sub)
     return parser
 
@@ -434,6 +454,28 @@ async def _reset_state(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def _serve(args: argparse.Namespace, config: Config) -> int:
+    from .serve.daemon import Listen, serve
+    from .serve.mirror import MirrorSettings
+
+    listen = Listen.parse(args.listen)
+
+    def ready(where: str) -> None:
+        # One line on stdout, flushed: a supervisor (or a test) reads the address from it.
+        sys.stdout.write(f"Serving on http://{where}\n")
+        sys.stdout.flush()
+
+    await serve(
+        root_of(args),
+        config,
+        listen,
+        MirrorSettings(upstream=args.upstream),
+        on_ready=ready,
+        on_wait=_say,
+    )
+    return EXIT_OK
+
+
 _HANDLERS.update(
     {
         "fetch": _fetch,
@@ -445,6 +487,7 @@ _HANDLERS.update(
         "prune": _prune,
         "reset-state": _reset_state,
         "demo": _demo,
+        "serve": _serve,
     }
 )
 
