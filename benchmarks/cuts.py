@@ -13,7 +13,7 @@ Tools, each with ~10 retries and a 1 s retry step where it can be set:
 - ``skopeo copy docker://… oci:…`` with ``--retry-times 5``: skopeo 1.9.3 retries the
   whole copy with exponential back-off (1, 2, 4, 8, 16 s, not settable in this version),
   so 10 retries would sleep 17 min; a retry keeps finished layers and restarts the rest;
-- ``docker pull`` against a fresh ``dockerd`` per run (``benchmarks.dockerd``: vfs, own data
+- ``docker pull`` against a fresh ``dockerd`` per run (``resumer.lab.dockerd``: vfs, own data
   and exec roots, ``--insecure-registry 127.0.0.0/8``, ``--max-download-attempts 11``),
   started before and stopped after the timed pull: it retries a layer within the pull,
   resuming its partial file with Range, after a delay of 5 s × n that cannot be set;
@@ -34,8 +34,8 @@ from typing import Any
 
 from . import common, image_bench
 from .common import BenchImage, MiB
-from .dockerd import Dockerd
-from .dockerd import versions as dockerd_versions
+from resumer.lab.dockerd import Dockerd
+from resumer.lab.dockerd import versions as dockerd_versions
 from .image_bench import Ctx
 
 NAME = "cuts"

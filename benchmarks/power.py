@@ -18,7 +18,7 @@ after each start, and started again immediately, with the same root and destinat
   emptied state directory, as /run after a power cut) and reruns the pull. The life's
   clock starts with the daemon, so its start-up is inside T like resumer's.
 
-- dockerd (the seed): a daemon of its own (``benchmarks.dockerd``: vfs, own data root,
+- dockerd (the seed): a daemon of its own (``resumer.lab.dockerd``: vfs, own data root,
   fresh per run, exec root and socket) and ``docker pull REF``, killed and restarted like
   containerd; after each SIGKILL its exec root is cleared (a reboot clears /run).
 
@@ -83,8 +83,8 @@ from resumer.lab.powercut import PowerCutError, PowerCutFS, unavailable_reason
 
 from . import common, image_bench
 from .common import BenchImage
-from .dockerd import Dockerd, DockerdError
-from .dockerd import versions as dockerd_versions
+from resumer.lab.dockerd import Dockerd, DockerdError
+from resumer.lab.dockerd import versions as dockerd_versions
 from .image_bench import Ctx
 
 NAME = "power"

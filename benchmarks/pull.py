@@ -6,7 +6,7 @@ A 4-layer image of ~200 MiB of gzip blobs (compressible, source-code-like tar co
 ``skopeo copy docker://… oci:…`` (fresh layout) once each, the order alternating per
 round; medians over the rounds.
 
-A third peer, ``docker pull`` against dockerd 20.10 (``benchmarks.dockerd``: a fresh daemon
+A third peer, ``docker pull`` against dockerd 20.10 (``resumer.lab.dockerd``: a fresh daemon
 per run on an empty vfs data root, started and stopped outside the timed span), runs in the
 same rotation.
 
@@ -28,8 +28,8 @@ from typing import Any
 
 from . import common
 from .common import MiB, Run
-from .dockerd import Dockerd
-from .dockerd import versions as dockerd_versions
+from resumer.lab.dockerd import Dockerd
+from resumer.lab.dockerd import versions as dockerd_versions
 
 NAME = "pull"
 SEED = 4242

@@ -1,4 +1,5 @@
-"""dockerd ("the seed") as a benchmark peer: a daemon of its own, run as DESIGN.md says.
+"""dockerd ("the seed"), a daemon of its own run as DESIGN.md says: a benchmark peer, and
+the engine that tests/test_serve_engines.py puts behind ``resumer serve``.
 
 ``Dockerd(base)`` runs Debian's dockerd 20.10 with ``--storage-driver=vfs --iptables=false
 --ip-masq=false --bridge=none``, its own ``--data-root``, ``--exec-root``, pid file and
@@ -10,7 +11,9 @@ containerd it supervises dies with it: dockerd starts it with ``Pdeathsig``) and
 exec root, as a reboot clears /run (a killed daemon also leaves its data root bind-mounted
 onto itself: the next daemon reuses that mount); ``stop()`` terminates it and unmounts
 whatever it left at or under its roots. ``with dockerd(base) as d:`` starts one and stops
-and removes it on exit.
+and removes it on exit. ``daemon_config`` is written as its ``--config-file`` (e.g.
+``{"registry-mirrors": ["http://127.0.0.1:5000"]}``), and ``env`` adds to its environment
+(e.g. a dead ``HTTPS_PROXY``, so a pull that bypasses the mirror fails instead of going out).
 
 The client is Debian's ``/usr/bin/docker`` (the same 20.10), named by path: another
 ``docker`` may come first on PATH. Nothing here imports resumer.
@@ -25,9 +28,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 DOCKERD = "/usr/sbin/dockerd" if Path("/usr/sbin/dockerd").exists() else "dockerd"
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
@@ -100,6 +104,8 @@ class Dockerd:
         max_concurrent_downloads: int | None = None,
         exec_root: Path | None = None,
         log: Path | None = None,
+        daemon_config: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.base = base
         self.data_root = base / "data"
@@ -110,6 +116,9 @@ class Dockerd:
         self.log = log if log is not None else base / "dockerd.log"
         self.max_download_attempts = max_download_attempts
         self.max_concurrent_downloads = max_concurrent_downloads
+        self.config_file = base / "daemon.json"
+        self.daemon_config = dict(daemon_config or {})
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s: list[float] = []  # each start's time to answer `docker version`
         self.kills = 0
@@ -141,7 +150,7 @@ class Dockerd:
             "--containerd-plugins-namespace",
             "resumer-bench-plugins",
             "--config-file",
-            str(self.base / "daemon.json"),
+            str(self.config_file),
         ]
         if self.max_concurrent_downloads is not None:
             out += ["--max-concurrent-downloads", str(self.max_concurrent_downloads)]
@@ -169,9 +178,8 @@ class Dockerd:
             raise DockerdError("dockerd is already running")
         for d in (self.base, self.data_root, self.exec_root):
             d.mkdir(parents=True, exist_ok=True)
-        cfg = self.base / "daemon.json"
-        if not cfg.exists():
-            cfg.write_text("{}\n")  # not /etc/docker/daemon.json
+        # Ours, never /etc/docker/daemon.json; written at every start, as an operator edits it.
+        self.config_file.write_text(json.dumps(self.daemon_config, indent=2) + "\n")
         self.sock.unlink(missing_ok=True)
         with self.log.open("ab") as out:
             out.write(f"--- start: {' '.join(self.argv())}\n".encode())
@@ -182,6 +190,7 @@ class Dockerd:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # its own group: kill() takes containerd too
+                env={**os.environ, **self.env},
             )
         self._t0 = time.perf_counter()
 
