@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import common, image_bench
-from .common import BenchImage, MiB
 from resumer.lab.dockerd import Dockerd
 from resumer.lab.dockerd import versions as dockerd_versions
+
+from . import common, image_bench
+from .common import BenchImage, MiB
 from .image_bench import Ctx
 
 NAME = "cuts"

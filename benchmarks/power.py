@@ -79,12 +79,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from resumer.lab.dockerd import Dockerd, DockerdError
+from resumer.lab.dockerd import versions as dockerd_versions
 from resumer.lab.powercut import PowerCutError, PowerCutFS, unavailable_reason
 
 from . import common, image_bench
 from .common import BenchImage
-from resumer.lab.dockerd import Dockerd, DockerdError
-from resumer.lab.dockerd import versions as dockerd_versions
 from .image_bench import Ctx
 
 NAME = "power"

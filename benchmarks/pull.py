@@ -26,10 +26,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import common
-from .common import MiB, Run
 from resumer.lab.dockerd import Dockerd
 from resumer.lab.dockerd import versions as dockerd_versions
+
+from . import common
+from .common import MiB, Run
 
 NAME = "pull"
 SEED = 4242
