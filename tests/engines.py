@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -222,7 +223,14 @@ class ResumerServe:
         self.lives = 0
 
     def argv(self) -> list[str]:
-        out = [sys.executable, "-m", "resumer", "serve", "--listen", f"127.0.0.1:{self.port}"]
+        # RESUMER_TEST_SERVE runs another build of resumer (e.g. "/path/.venv/bin/python -m
+        # resumer") under the same tests; by default, the one this venv imports.
+        command = shlex.split(os.environ.get("RESUMER_TEST_SERVE", "")) or [
+            sys.executable,
+            "-m",
+            "resumer",
+        ]
+        out = [*command, "serve", "--listen", f"127.0.0.1:{self.port}"]
         out += ["--root", str(self.root), "--upstream", self.upstream]
         for host in self.insecure:
             out += ["--insecure-registry", host]
