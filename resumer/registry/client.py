@@ -661,7 +661,3 @@ def _what(kind: str, ref: Reference, ident: str) -> str:
     noun = "manifest" if kind == "manifests" else "blob"
     return f"{noun} {ref.name}{'@' if ':' in ident else ':'}{ident}"
 
-
-def _safe_reason(exc: BaseException) -> str:
-    # aiohttp messages can quote the request URL, which may be pre-signed: redact URLs.
-    return re.sub(r"https?://[^\s'\"]+", lambda m: redact_url(m.group(0)), str(exc))
