@@ -12,7 +12,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
