@@ -10,6 +10,10 @@ dockerd pulls Docker Hub names only through its mirror (``library/…``), so the
 repositories are named so; containerd names the upstream with ``?ns=``; podman and skopeo
 send no ``ns`` and get the mirror's default upstream. Kills are timed by counters (the
 bytes a proxy has moved), never by sleeps.
+
+``RESUMER_TEST_SERVE`` runs another build of ``resumer serve`` under these tests, e.g.
+``env PYTHONPATH=/path/to/checkout python -P -m resumer`` (``-P``: not the current
+directory's package).
 """
 
 from __future__ import annotations
