@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,9 @@ __all__ = [
     "Podman",
     "ProxyThread",
     "ResumerServe",
+    "cleanup",
     "daemon_json",
+    "docker_image_id",
     "engine_dockerd",
     "hosts_toml",
     "registries_conf",
@@ -520,7 +522,3 @@ def cleanup(path: Path) -> None:
     unmount_under(path)
     shutil.rmtree(path, ignore_errors=True)
 
-
-def json_file(path: Path) -> Mapping[str, Any]:
-    result: Mapping[str, Any] = json.loads(path.read_text())
-    return result
