@@ -521,4 +521,3 @@ def cleanup(path: Path) -> None:
     """Unmount whatever a daemon left under ``path``, then delete it."""
     unmount_under(path)
     shutil.rmtree(path, ignore_errors=True)
-
