@@ -243,6 +243,10 @@ class Supervisor:
         )
         await self.clock.sleep(delay)
 
+    def keeper(self, pull_id: int) -> asyncio.Task[None] | None:
+        """The task that keeps ``pull_id`` going, if any (done once the pull is)."""
+        return self._keepers.get(pull_id)
+
     def keeping(self) -> set[int]:
         """The pulls with a keeper (running or waiting out a back-off)."""
         return {pid for pid, task in self._keepers.items() if not task.done()}
