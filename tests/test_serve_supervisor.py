@@ -89,9 +89,7 @@ async def stored_unfinished(root: Path, reference: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def supervised(
-    root: Path, clock: StepClock
-) -> AsyncIterator[tuple[Engine, Supervisor]]:
+async def supervised(root: Path, clock: StepClock) -> AsyncIterator[tuple[Engine, Supervisor]]:
     config = Config(retry_delay=0, max_download_attempts=ATTEMPTS)
     async with Engine.open(root, config) as engine:
         supervisor = Supervisor(engine, clock=clock, backoff=Backoff(30, 100))

@@ -291,7 +291,7 @@ class ControlServer:
     async def _serve_one(self, conn: _Conn) -> None:
         try:
             request = await self._read_request(conn.reader)
-            if request is None:
+            if request is _SILENT:
                 return
             command, args, overrides = _parse(request)
         except BadRequest as exc:
@@ -323,7 +323,7 @@ class ControlServer:
         except (ConnectionError, OSError) as exc:
             raise BadRequest(f"control request: connection lost: {exc}") from None
         if not raw:
-            return None  # connected and left without a word (a probe)
+            return _SILENT  # connected and left without a word (a probe)
         if not raw.endswith(b"\n"):
             raise BadRequest("control request: the connection ended before a whole line")
         try:
@@ -456,6 +456,10 @@ class ControlServer:
                 log.info("control: removed pull %d of %s", pull.id, pull.reference)
                 removed.append([pull.id, pull.reference])
         return {"missing": [], "removed": removed}
+
+
+#: what a connection that sent nothing at all "asked"
+_SILENT = object()
 
 
 class _Interrupted(Exception):
