@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from resumer.serve.control import COMMANDS, MAX_REQUEST, SOCKET_NAME
 
 DEADLINE = 60.0
+SERVE = (sys.executable, "-m", "resumer", "serve")
 
 
 class SyncDaemon:
@@ -38,8 +39,7 @@ class SyncDaemon:
         self.log = log
         self._err = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resumer", "serve", "--root", str(root)]
-            + ["--listen", "127.0.0.1:0"],
+            [*SERVE, "--root", str(root), "--listen", "127.0.0.1:0"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._err,
