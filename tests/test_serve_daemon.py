@@ -218,6 +218,22 @@ async def test_pull_through_the_daemon_prints_and_exits_as_without_it(
             assert_served(d, got, args[0])
             runs[name] = got
         await d.log.wait_for(rf"control: pull {re.escape(image.reference)}: done")
+        # A setting of the daemon's that the client sets otherwise: said, not silently lost.
+        other = await cli(
+            env,
+            "pull",
+            "-q",
+            image.reference,
+            "--root",
+            str(served),
+            "--max-download-attempts",
+            "3",
+        )
+        assert other.code == 0 and other.out == image.reference + "\n"
+        assert other.err == (
+            f"resumer: max-download-attempts 3: the daemon serving {served} runs every pull"
+            " with its own (2); stop `resumer serve` to pull with yours\n"
+        )
         assert (await d.terminate())[0] == 0
 
     for name, args in (
