@@ -321,6 +321,9 @@ async def test_status_and_resume_through_the_daemon_match_the_root_read_without_
             again = await cli(
                 env, "resume", "--root", str(served), "--progress", "plain", *SETTINGS
             )
+            removed = await cli(env, "rm", ref, "--root", str(served))
+            missing = await cli(env, "rm", "999", "--root", str(served))
+            assert_served(d, missing, "rm", count=2)
             assert (await d.terminate())[0] == 0
 
         resumed_alone = await cli(
@@ -329,6 +332,8 @@ async def test_status_and_resume_through_the_daemon_match_the_root_read_without_
         again_alone = await cli(
             env, "resume", "--root", str(alone), "--progress", "plain", *SETTINGS
         )
+        removed_alone = await cli(env, "rm", ref, "--root", str(alone))
+        missing_alone = await cli(env, "rm", "999", "--root", str(alone))
 
     assert resumed.code == resumed_alone.code == 0, (resumed.err, resumed_alone.err)
     assert resumed.err == resumed_alone.err == ""
@@ -336,6 +341,12 @@ async def test_status_and_resume_through_the_daemon_match_the_root_read_without_
     assert f"Status: Downloaded newer image for {ref}" in resumed.out
     assert "Resuming from" in resumed.out
     assert again.out == again_alone.out and again.out.startswith("Status: nothing to resume")
+    # rm through the daemon: the same lines, the same exit codes (each names its root).
+    assert (removed.code, removed.out, removed.err) == (0, removed_alone.out, "")
+    assert removed.out.startswith("Removed pull ") and removed.out.endswith(f" {ref}\n")
+    assert missing.code == missing_alone.code == 2
+    assert missing.err == missing_alone.err.replace(str(alone), str(served))
+    assert missing.err == f"resumer: no stored pull 999 in {served} (see `resumer ls -a`)\n"
     for root in (served, alone):
         assert_image_complete(root, image.image, ref, image.tag)
 

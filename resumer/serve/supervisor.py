@@ -121,8 +121,18 @@ class Supervisor:
             raise RuntimeError("supervisor closed")
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
         return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        # A client's pull whose client left has no one to read its end: read it here
+        # (each job logs its own failures; anything else is a bug, logged in full).
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, ResumerError):
+            log.error("supervisor: %s crashed", task.get_name(), exc_info=exc)
 
     async def close(self, timeout: float = 30.0) -> None:
         """Cancel every pull (each partial gets its last checkpoint as the transfers end)
