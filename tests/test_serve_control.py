@@ -214,3 +214,26 @@ def test_a_stale_socket_of_a_killed_daemon_is_replaced(tmp_path: Path) -> None:
     finally:
         assert second.stop() == 0
     assert not second.sock.exists()
+
+
+def test_a_root_whose_socket_path_is_too_long_for_a_unix_address_still_works(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / ("r" * 60) / ("o" * 60)
+    sock = root / SOCKET_NAME
+    assert len(os.fsencode(sock)) > 108  # sun_path's size on Linux
+    d = SyncDaemon(root, tmp_path / "serve.log")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "resumer", "status", "--json", "--root", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["in_use_by"] == d.proc.pid
+        assert "control: status" in d.text()  # it went through the daemon
+    finally:
+        assert d.stop() == 0, d.text()
+    assert not sock.exists()
