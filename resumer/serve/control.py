@@ -54,7 +54,7 @@ from ..pull import STORED_OPTIONS, PullOutcome, config_with
 from ..pulls import Pulls
 from ..rootlock import POLL_MAX, RootLock
 from ..status import collect, lock_holder
-from .supervisor import Supervisor, pull_now
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +395,14 @@ class ControlServer:
 
         async def job() -> PullOutcome:
             try:
-                outcome = await pull_now(
-                    engine,
+                # The request's own registry options (mirrors, insecure registries,
+                # platform) over the daemon's: they are stored with the pull.
+                outcome = await engine.pull(
                     image,
                     config=config,
                     dest=Path(dest) if dest is not None else None,
                     platform=platform,
-                    emit=conn.emit,
+                    on_progress=conn.emit,
                 )
             except ResumerError as exc:
                 log.warning("control: pull %s failed: %s", image, exc)

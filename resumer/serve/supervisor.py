@@ -16,16 +16,12 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from ..clock import Clock
-from ..config import Config
 from ..engine import Engine
 from ..errors import ResumerError
-from ..events import ProgressCallback, ignore
-from ..pull import PullOutcome, config_with, layout_for, pull_image
-from ..pulls import Pull, Pulls, PullState
+from ..pulls import Pulls, PullState
 from ..retry import fails_for_good
 
 log = logging.getLogger(__name__)
@@ -44,56 +40,6 @@ class Backoff:
 
     def delay(self, failed_runs: int) -> float:
         return float(min(self.cap, self.first * 2.0 ** min(max(failed_runs - 1, 0), 60)))
-
-
-async def run_stored(engine: Engine, stored: Pull, emit: ProgressCallback = ignore) -> PullOutcome:
-    """One run of a stored pull with its stored options: what ``Engine.resume`` does for
-    each pull, failures stored on the pull."""
-    config = config_with(engine.config, stored.options)
-    try:
-        return await pull_image(
-            stored.reference,
-            client=engine.registry(config),
-            transfers=engine.transfers,
-            store=engine.store,
-            config=config,
-            dest=layout_for(engine.root, Path(stored.dest)),
-            content=engine.ingest.layout,
-            platform=stored.platform,
-            emit=emit,
-            pin=stored.manifest_digest,
-        )
-    except ResumerError as exc:
-        # pull_image stores failures once the pull is under way; one that came before
-        # (the manifest gone, a corrupt destination) is stored here.
-        await Pulls(engine.store).set_state(
-            stored.id, PullState.FAILED, error=str(exc), permanent=fails_for_good(exc)
-        )
-        raise
-
-
-async def pull_now(
-    engine: Engine,
-    reference: str,
-    *,
-    config: Config,
-    dest: Path | None,
-    platform: str | None,
-    emit: ProgressCallback,
-) -> PullOutcome:
-    """``Engine.pull`` with a request's own registry options (mirrors, insecure
-    registries, platform) laid over the daemon's: they are stored with the pull."""
-    return await pull_image(
-        reference,
-        client=engine.registry(config),
-        transfers=engine.transfers,
-        store=engine.store,
-        config=config,
-        dest=layout_for(engine.root, dest),
-        content=engine.ingest.layout,
-        platform=platform,
-        emit=emit,
-    )
 
 
 class Supervisor:
@@ -200,7 +146,7 @@ class Supervisor:
                 run += 1
                 log.info("supervisor: pull %d of %s: run %d", pull_id, stored.reference, run)
                 try:
-                    outcome = await run_stored(self.engine, stored)
+                    outcome = await self.engine.run_stored(stored)
                 except ResumerError as exc:
                     if fails_for_good(exc):
                         log.warning(
