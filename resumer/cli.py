@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
@@ -16,15 +17,19 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config as cfgmod
 from . import progress as P
 from .config import Config
 from .errors import ResumerError, UsageError
 from .events import Event, Stats, ignore
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .serve.control import DaemonClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -329,12 +334,36 @@ async def _fetch(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-async def _pull(args: argparse.Namespace, config: Config) -> int:
+@contextlib.asynccontextmanager
+async def _engine_or_daemon(
+    args: argparse.Namespace, config: Config
+) -> AsyncIterator[Engine | DaemonClient]:
+    """The daemon (``resumer serve``) that holds the root, if one answers on its control
+    socket; else the root itself, waited for as ever while another process holds it (a
+    daemon that starts meanwhile is used as soon as it answers)."""
     from .engine import Engine
+    from .serve.control import DaemonClient, wait_for_root
 
+    global _served_by
+    root = root_of(args)
+    daemon = await DaemonClient.find(root, _say) or await wait_for_root(root, _say, _say)
+    if daemon is not None:
+        logging.getLogger(__name__).info("%s: served by the daemon, pid %d", root, daemon.pid)
+        daemon.config = config
+        _served_by = daemon
+        try:
+            yield daemon
+        finally:
+            daemon.close()
+        return
+    async with Engine.open(root, config, on_wait=_say) as engine:
+        yield engine
+
+
+async def _pull(args: argparse.Namespace, config: Config) -> int:
     render = None if args.quiet else P.renderer(config.progress, sys.stdout)
     _announce_limits(render, config)
-    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+    async with _engine_or_daemon(args, config) as engine:
         outcome = await engine.pull(
             args.image, dest=args.dest, platform=args.platform, on_progress=render or ignore
         )
@@ -349,11 +378,9 @@ async def _pull(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _resume(args: argparse.Namespace, config: Config) -> int:
-    from .engine import Engine
-
     render = P.renderer(config.progress, sys.stdout)
     _announce_limits(render, config)
-    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+    async with _engine_or_daemon(args, config) as engine:
         result = await engine.resume(on_progress=render or ignore)
     total = Stats()
     for outcome in result.outcomes:
@@ -377,9 +404,18 @@ async def _resume(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _status(args: argparse.Namespace, config: Config) -> int:
+    from .serve.control import DaemonClient
     from .status import collect, render_text
 
-    report = await collect(root_of(args), config)
+    # status never waits for the lock: without a daemon it reads the root as it is
+    root = root_of(args)
+    daemon = await DaemonClient.find(root, _say)
+    if daemon is not None:
+        daemon.config = config
+        report = await daemon.status()
+        report["root"] = str(root)  # as this user named it, as without the daemon
+    else:
+        report = await collect(root, config)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -401,8 +437,22 @@ async def _ls(args: argparse.Namespace, config: Config) -> int:
 async def _rm(args: argparse.Namespace, config: Config) -> int:
     from .engine import Engine
     from .pulls import Pulls
+    from .serve.control import DaemonClient, wait_for_root
 
-    async with Engine.open(root_of(args), config, on_wait=_say) as engine:
+    root = root_of(args)
+    # While `resumer serve` holds the root, it removes them (and stops retrying them).
+    daemon = await DaemonClient.find(root, _say) or await wait_for_root(root, _say, _say)
+    if daemon is not None:
+        daemon.config = config
+        got = await daemon.rm(list(args.pulls))
+        if got["missing"]:
+            raise UsageError(
+                f"no stored pull {', '.join(got['missing'])} in {root} (see `resumer ls -a`)"
+            )
+        for pull_id, reference in got["removed"]:
+            sys.stdout.write(f"Removed pull {pull_id} {reference}\n")
+        return EXIT_OK
+    async with Engine.open(root, config, on_wait=_say) as engine:
         pulls = Pulls(engine.store)
         found = {which: await pulls.find(which) for which in args.pulls}
         missing = [which for which, hits in found.items() if not hits]
@@ -459,8 +509,16 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
     from .serve.mirror import MirrorSettings
 
     listen = Listen.parse(args.listen)
+    # A daemon says what it does: its own lines at INFO even without -v.
+    logging.getLogger("resumer.serve").setLevel(logging.INFO)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
     def ready(where: str) -> None:
+        # Serving: SIGTERM and SIGINT now drain (every pull checkpointed, exit 0)
+        # instead of cancelling the start-up.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         # One line on stdout, flushed: a supervisor (or a test) reads the address from it.
         sys.stdout.write(f"Serving on http://{where}\n")
         sys.stdout.flush()
@@ -472,6 +530,7 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
         MirrorSettings(upstream=args.upstream),
         on_ready=ready,
         on_wait=_say,
+        stop=stop,
     )
     return EXIT_OK
 
@@ -521,7 +580,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(args, config))
     except KeyboardInterrupt:
-        _say("interrupted; partial downloads are kept, run the same command again to resume")
+        if _served_by is not None:
+            # Like docker pull's Ctrl-C: only this view of the pull stops.
+            _say(
+                f"interrupted; the daemon serving {_served_by.root} (pid {_served_by.pid})"
+                " goes on with it: `resumer status` shows how far it got"
+            )
+        else:
+            _say("interrupted; partial downloads are kept, run the same command again to resume")
         return EXIT_INTERRUPTED
     except ResumerError as exc:
         _emit_error(config, str(exc))
@@ -567,6 +633,8 @@ def _tune_process() -> None:
 
 #: set by ``fetch -o -``: stdout carries the blob, so JSON errors go to stderr
 _stdout_is_data = False
+#: the daemon this command talks to, if a ``resumer serve`` holds the root
+_served_by: DaemonClient | None = None
 
 
 def _emit_error(config: Config, message: str) -> None:

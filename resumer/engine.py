@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # the pull machinery loads on first use: `resumer fetch` star
     import aiohttp
 
     from .pull import PullOutcome
+    from .pulls import Pull
     from .registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
@@ -148,16 +149,21 @@ class Engine:
         dest: Path | None = None,
         platform: str | None = None,
         on_progress: ProgressCallback = ignore,
+        config: Config | None = None,
     ) -> PullOutcome:
-        """Pull an image into ``dest`` (an OCI layout; default: the root's own)."""
+        """Pull an image into ``dest`` (an OCI layout; default: the root's own).
+
+        ``config``, if given, is this pull's own (a daemon's client may bring its mirrors,
+        insecure registries and platform); it is stored with the pull."""
         from .pull import layout_for, pull_image
 
+        config = config or self.config
         return await pull_image(
             reference,
-            client=self.registry(),
+            client=self.registry(config),
             transfers=self.transfers,
             store=self.store,
-            config=self.config,
+            config=config,
             dest=layout_for(self.root, dest),
             content=self.ingest.layout,
             platform=platform,
@@ -171,38 +177,46 @@ class Engine:
         unattended gateway would otherwise stall behind it. Each failure is returned (and
         stored on its pull) beside the outcomes of the pulls that finished.
         """
+        from .pulls import Pulls
+
+        result = ResumeResult()
+        for stored in await Pulls(self.store).unfinished():
+            try:
+                result.outcomes.append(await self.run_stored(stored, on_progress))
+            except ResumerError as exc:
+                log.warning("resume: pull %d of %s failed: %s", stored.id, stored.reference, exc)
+                result.failures.append(ResumeFailure(stored.id, stored.reference, exc))
+        return result
+
+    async def run_stored(self, stored: Pull, on_progress: ProgressCallback = ignore) -> PullOutcome:
+        """One run of a stored pull with its stored options (``resume`` runs each in turn;
+        the daemon's supervisor runs them again after a back-off). A failure is stored on
+        the pull and raised."""
         from .pull import config_with, layout_for, pull_image
         from .pulls import Pulls, PullState
         from .retry import fails_for_good
 
-        pulls = Pulls(self.store)
-        result = ResumeResult()
-        for stored in await pulls.unfinished():
-            config = config_with(self.config, stored.options)
-            try:
-                result.outcomes.append(
-                    await pull_image(
-                        stored.reference,
-                        client=self.registry(config),
-                        transfers=self.transfers,
-                        store=self.store,
-                        config=config,
-                        dest=layout_for(self.root, Path(stored.dest)),
-                        content=self.ingest.layout,
-                        platform=stored.platform,
-                        emit=on_progress,
-                        pin=stored.manifest_digest,
-                    )
-                )
-            except ResumerError as exc:
-                log.warning("resume: pull %d of %s failed: %s", stored.id, stored.reference, exc)
-                # pull_image stores failures once the pull is under way; one that came
-                # before (the manifest gone, a corrupt destination) is stored here.
-                await pulls.set_state(
-                    stored.id, PullState.FAILED, error=str(exc), permanent=fails_for_good(exc)
-                )
-                result.failures.append(ResumeFailure(stored.id, stored.reference, exc))
-        return result
+        config = config_with(self.config, stored.options)
+        try:
+            return await pull_image(
+                stored.reference,
+                client=self.registry(config),
+                transfers=self.transfers,
+                store=self.store,
+                config=config,
+                dest=layout_for(self.root, Path(stored.dest)),
+                content=self.ingest.layout,
+                platform=stored.platform,
+                emit=on_progress,
+                pin=stored.manifest_digest,
+            )
+        except ResumerError as exc:
+            # pull_image stores failures once the pull is under way; one that came
+            # before (the manifest gone, a corrupt destination) is stored here.
+            await Pulls(self.store).set_state(
+                stored.id, PullState.FAILED, error=str(exc), permanent=fails_for_good(exc)
+            )
+            raise
 
     @classmethod
     @contextlib.asynccontextmanager

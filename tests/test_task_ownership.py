@@ -141,3 +141,22 @@ async def test_closing_the_engine_ends_its_running_transfers(tmp_path: Path) -> 
             fetching.result()
         assert _others() == []
         assert next((tmp_path / "root" / "ingest").glob("sha256-*")).stat().st_size > 0
+
+
+async def test_a_reopen_cancelled_after_its_recorder_started_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation landing in the first segment's opening (the recorder already runs):
+    the recorder ends with the half-open partial instead of waiting on its queue for good
+    (found by the suite's leak guard when a daemon test cancelled a transfer there)."""
+    from resumer.content.partial import Partial
+
+    async def cancelled(self: Partial, *args: object) -> None:
+        raise asyncio.CancelledError
+
+    async with Engine.open(tmp_path / "root", _config(), clock=FakeClock()) as engine:
+        monkeypatch.setattr(Partial, "_new_segment", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await engine.ingest.open("sha256:" + "2" * 64, digest=None, size=None)
+        assert not engine.ingest.open_partials
+        assert [t.get_name() for t in _others()] == []

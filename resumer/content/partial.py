@@ -327,8 +327,13 @@ class Partial:
         try:
             return await self._verify_and_open(hashes)
         except BaseException:
-            # Nobody gets a half-open partial: its threads and file end here.
-            self._release()
+            # Nobody gets a half-open partial: its recorder (started before the first
+            # segment opens, which may be where a cancellation lands), threads and file
+            # end here. A recorder left waiting on its queue would outlive the loop.
+            try:
+                await self._stop_recorder()
+            finally:
+                self._release()
             raise
 
     async def _verify_and_open(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:

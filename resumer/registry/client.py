@@ -659,4 +659,3 @@ def _what(kind: str, ref: Reference, ident: str) -> str:
     """What a small GET is for, in messages: ``manifest host/repo:tag`` or ``blob …@digest``."""
     noun = "manifest" if kind == "manifests" else "blob"
     return f"{noun} {ref.name}{'@' if ':' in ident else ':'}{ident}"
-
