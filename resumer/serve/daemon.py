@@ -15,7 +15,7 @@ from aiohttp import web
 from ..config import Config
 from ..engine import Engine
 from ..errors import UsageError
-from .mirror import MirrorSettings, mirror_app
+from .mirror import MirrorSettings, mirror_app, server_options
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ async def serve(
             listen.port,
         )
     async with Engine.open(root, config, on_wait=on_wait) as engine:
-        runner = web.AppRunner(mirror_app(engine, settings), access_log=None)
+        runner = web.AppRunner(
+            mirror_app(engine, settings), access_log=None, **server_options(settings)
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, listen.host, listen.port)
