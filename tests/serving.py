@@ -91,7 +91,9 @@ def start_serve(
         )
     line: list[str] = []
     # readline blocks: a thread reads it so the deadline holds.
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline() if proc.stdout else ""))
+    reader = threading.Thread(
+        target=lambda: line.append(proc.stdout.readline() if proc.stdout else "")
+    )
     reader.start()
     reader.join(READY_TIMEOUT)
     text = line[0] if line else ""
@@ -164,7 +166,9 @@ async def async_wait_until(predicate: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def http_get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    url: str, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=dict(headers or {}))
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
