@@ -158,8 +158,27 @@ async def wait_for_partial(
     finally:
         if not opened.done():
             opened.cancel()  # Ingest forgets a cancelled waiter
-    if opened.done() and not opened.cancelled():
-        return opened.result()
+    if not opened.done() or opened.cancelled():
+        return task.result()
+    partial = opened.result()
+    # The partial opens before the first request upstream: a 200 now could not become
+    # the 404 that comes next. The first byte (or the end of the transfer) decides.
+    while True:
+        first = asyncio.ensure_future(partial.wait_readable(0, partial.generation))
+        try:
+            waits = [first, task]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.wait([first])
+        if first.cancelled():
+            break  # the transfer ended first
+        if first.exception() is None:
+            return partial
+        if not isinstance(first.exception(), PartialDiscardedError):
+            break  # closed without a byte: the transfer is ending
+    await asyncio.wait([task])
     return task.result()
 
 
