@@ -94,6 +94,12 @@ VARIANTS = [
     Variant("resumer", "resumer (1 MiB chunks)", _resumer()),
     Variant("resumer_nockpt", "resumer --no-checkpoints", _resumer("--no-checkpoints")),
     Variant("resumer_256k", "resumer --chunk-size 256KiB", _resumer("--chunk-size", "262144")),
+    # Segments on the clean path: they must not slow it (issue 10).
+    Variant(
+        "resumer_k4",
+        "resumer --max-connections-per-blob 4",
+        _resumer("--max-connections-per-blob", "4"),
+    ),
     # The copy to -o made at the end instead of as the bytes arrive (what the tee saves).
     Variant(
         "resumer_copy_at_end",

@@ -240,6 +240,11 @@ async def _parallel(
     slots: asyncio.Semaphore | None,
 ) -> None:
     async def request(seg: Segment, plan: segments.Plan) -> int | None:
+        limiter = _LIMITER.get()
+        if limiter is not None:
+            # Before every connection's request, not only the attempt's first: a budget
+            # spent by the other connections opens no new range (not even one read of it).
+            limiter.check()
         watchdog = _Watchdog(stall)
         body = asyncio.create_task(
             _segment_request(
@@ -392,6 +397,9 @@ async def _attempt(
         if not holes:
             out.complete = True
             return
+        limiter = _LIMITER.get()
+        if limiter is not None:
+            limiter.check()  # the run's wire budget, before every request (see _parallel)
         start, end = holes[0]
         size = sink.size if sink.size is not None else size
         await sink.begin_segment(start)

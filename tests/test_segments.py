@@ -205,3 +205,39 @@ async def test_the_rate_cap_and_the_wire_budget_hold_across_k_connections(
         # What the second run still needed, at the cap: never faster than the bucket
         # allows (its burst aside).
         assert took >= (result.stats.wire_bytes - 256 * 1024) / rate * 0.95, took
+
+
+@pytest.mark.parametrize("connections", [1, K])
+async def test_a_spent_wire_budget_opens_no_new_range(tmp_path: Path, connections: int) -> None:
+    """The budget is checked before each request of an attempt, not only before the
+    attempt: with it spent, no connection asks the server for anything."""
+    from resumer import fetch
+    from resumer.clock import SystemClock
+    from resumer.errors import WireBudgetExhaustedError
+    from resumer.rate import Limiter
+    from resumer.source import Endpoint
+
+    async with (
+        serve({"b": DATA}) as srv,
+        open_engine(tmp_path / "root", **segmented(max_wire_bytes=SIZE)) as eng,
+    ):
+        partial, _ = await eng.ingest.open(DIGEST, digest=DIGEST, size=SIZE)
+        try:
+            limiter = Limiter(rate=0, wire_bytes=CHUNK)
+            await limiter.take(CHUNK)  # spent by another transfer of the run
+            out = await fetch.attempt(
+                eng.session,
+                Endpoint(f"{srv.url}/b"),
+                partial,
+                size=SIZE,
+                validator=None,
+                stall=fetch.StallPolicy(),
+                clock=SystemClock(),
+                connections=connections,
+                min_segment=MIN_SEGMENT,
+                limiter=limiter,
+            )
+        finally:
+            await partial.close()
+        assert isinstance(out.error, WireBudgetExhaustedError), out.error
+        assert srv.arrived == 0
