@@ -328,3 +328,46 @@ async def test_a_manifest_by_digest_that_does_not_hash_to_it_is_refused(
         status, _, body = await get_manifest(http, m.url, "lab/x", digest)
         assert status == 503, body
         assert not m.engine.ingest.has_blob(digest)
+
+
+async def test_committed_blobs_honour_range_head_and_clients_leaving_mid_send(
+    registry: Registry, pushed_image: PushImage, tmp_path: Path
+) -> None:
+    image = one_layer(tmp_path / "b", seed=26, size=24 * MiB)
+    await asyncio.to_thread(pushed_image, repo="lab/committed", tag="v1", image=image)
+    layer = image.layers[0]
+    data = layer.read_bytes()
+    size = layer.size
+    async with (
+        mirror_in_process(tmp_path / "root", registry.host) as m,
+        aiohttp.ClientSession() as http,
+    ):
+        await pull_all(http, m.url, "lab/committed", "v1")
+        assert m.engine.ingest.has_blob(layer.digest, size)
+        url = f"{m.url}/v2/lab/committed/blobs/{layer.digest}"
+        async with http.head(url) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == size
+            assert r.headers["Docker-Content-Digest"] == layer.digest
+            assert r.headers["Accept-Ranges"] == "bytes"
+        for header, want in [
+            ("bytes=100-199", data[100:200]),
+            (f"bytes={size - 10}-", data[-10:]),
+            ("bytes=-7", data[-7:]),
+            (f"bytes=5-{size * 2}", data[5:]),
+        ]:
+            async with http.get(url, headers={"Range": header}) as r:
+                assert r.status == 206, header
+                assert await r.read() == want, header
+        for header in (f"bytes={size}-", "bytes=0-1,5-9", "bytes=-0"):
+            async with http.get(url, headers={"Range": header}) as r:
+                assert r.status == 416, header
+                assert r.headers["Content-Range"] == f"bytes */{size}"
+        async with http.get(url, headers={"Range": "items=0-5"}) as r:
+            assert r.status == 200 and await r.read() == data  # not understood: whole
+        # Clients that leave mid-send: their sendfile threads end, others are served.
+        for _ in range(8):
+            resp = await http.get(url)
+            await resp.content.readexactly(64 * 1024)
+            resp.close()
+        async with http.get(url) as r:
+            assert await r.read() == data

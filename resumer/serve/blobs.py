@@ -16,7 +16,10 @@ import asyncio
 import errno
 import logging
 import os
+import select
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: bytes read from a growing partial per write to a client
 _BLOCK = 1 << 20
+#: how long the sendfile thread waits for the socket before checking for a stop
+_POLL_MS = 500
 
 
 class Feeds:
@@ -98,9 +103,14 @@ def ranged(
 
 
 async def send_committed(
-    request: web.Request, engine: Engine, digest: str, headers: dict[str, str]
+    request: web.Request,
+    engine: Engine,
+    digest: str,
+    headers: dict[str, str],
+    senders: Executor | None = None,
 ) -> web.StreamResponse:
-    """A committed blob from the store: sendfile(2) from the offset the Range asks."""
+    """A committed blob from the store: sendfile(2) from the offset the Range asks, in a
+    thread of ``senders`` (the default executor if None)."""
     path = engine.ingest.blob_path(digest)
     loop = asyncio.get_running_loop()
     try:
@@ -122,8 +132,12 @@ async def send_committed(
         transport = request.transport
         if transport is None or transport.is_closing():
             return resp  # the client left before the body
+        sock = transport.get_extra_info("socket")
         try:
-            await loop.sendfile(transport, f, offset, count)
+            if sock is not None and transport.get_write_buffer_size() == 0:
+                await _sendfile_off_loop(senders, sock.fileno(), f.fileno(), offset, count)
+            else:
+                await loop.sendfile(transport, f, offset, count)
         except NotImplementedError:  # TLS or an odd transport: the plain way
             await _copy_plain(resp, f, offset, count)
         except OSError as exc:
@@ -133,6 +147,46 @@ async def send_committed(
         return resp
     finally:
         await loop.run_in_executor(None, f.close)
+
+
+async def _sendfile_off_loop(
+    senders: Executor | None, sock_fd: int, file_fd: int, offset: int, count: int
+) -> None:
+    """sendfile(2) from a thread that waits for the socket itself (poll), as nginx does
+    with epoll: no hand-off to the event loop per socket buffer's worth (``loop.sendfile``
+    wakes the loop each time the buffer drains, which cost a third of the throughput).
+    The socket stays non-blocking and the loop writes nothing to it meanwhile (the
+    headers went first). A cancel stops the thread at its next wait."""
+    stop = threading.Event()
+    done = asyncio.get_running_loop().run_in_executor(
+        senders, _sendfile_loop, sock_fd, file_fd, offset, count, stop
+    )
+    try:
+        await asyncio.shield(done)
+    finally:
+        stop.set()
+        await asyncio.wait([done])
+
+
+def _sendfile_loop(
+    sock_fd: int, file_fd: int, offset: int, count: int, stop: threading.Event
+) -> None:
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
+    while count > 0 and not stop.is_set():
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset, min(count, 1 << 30))
+        except BlockingIOError:
+            for _, events in poller.poll(_POLL_MS):
+                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    raise ConnectionResetError(errno.ECONNRESET, "client gone") from None
+            continue
+        if sent == 0:
+            raise OSError(errno.EIO, "blob shrank while being sent")
+        offset += sent
+        count -= sent
+    if count > 0:
+        raise ConnectionAbortedError(errno.ECONNABORTED, "stopped")
 
 
 async def _copy_plain(resp: web.StreamResponse, f: Any, offset: int, count: int) -> None:

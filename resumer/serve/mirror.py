@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,9 @@ class Mirror:
         self.feeds = Feeds(engine)
         self.sizes: dict[str, int] = {}
         self.slots = asyncio.Semaphore(settings.max_clients)
+        #: threads that sendfile committed blobs: one per client in flight at most, so
+        #: long sends never starve the default executor the store's work runs on
+        self.senders = ThreadPoolExecutor(settings.max_clients, "resumer-sendfile")
 
     # ---- routing ------------------------------------------------------------------------
 
@@ -252,7 +256,7 @@ class Mirror:
         headers = blob_headers(digest, _API_VERSION)
         if engine.ingest.has_blob(digest):
             try:
-                return await send_committed(request, engine, digest, headers)
+                return await send_committed(request, engine, digest, headers, self.senders)
             except web.HTTPNotFound:
                 pass  # pruned just now: fetch it again
         size = await self._known_size(digest)
@@ -275,7 +279,7 @@ class Mirror:
             log.warning("serve: blob %s of %s: %s", digest, ref.name, exc)
             return oci_error(status, code, message)
         if isinstance(got, BlobResult):
-            return await send_committed(request, engine, digest, headers)
+            return await send_committed(request, engine, digest, headers, self.senders)
         return await send_growing(request, got, digest, got.size or size, headers)
 
     async def _known_size(self, digest: str) -> int | None:
@@ -287,6 +291,11 @@ class Mirror:
 
     async def close(self, _app: web.Application | None = None) -> None:
         await self.feeds.close()
+
+    async def closed(self, _app: web.Application | None = None) -> None:
+        """After the handlers ended: their sendfile threads have stopped too."""
+        await self.close()
+        await asyncio.to_thread(self.senders.shutdown, True)
 
 
 @web.middleware
@@ -323,5 +332,8 @@ def mirror_app(engine: Engine, settings: MirrorSettings) -> web.Application:
     mirror = Mirror(engine, settings)
     app[_MIRROR] = mirror
     app.router.add_route("*", "/{tail:.*}", mirror.route)
-    app.on_cleanup.append(mirror.close)
+    # At shutdown, before aiohttp waits for the handlers: the transfers end (each keeps
+    # its partial), so a client streaming a growing blob is cut off, not waited for.
+    app.on_shutdown.append(mirror.close)
+    app.on_cleanup.append(mirror.closed)
     return app
