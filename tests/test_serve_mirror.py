@@ -66,6 +66,7 @@ async def test_skopeo_copies_an_image_through_the_mirror_at_one_times_the_image(
     ratio = proxy.counters.bytes_down / full_size(image)
     print(f"skopeo through the mirror: upstream sent {proxy.counters.bytes_down} B, {ratio:.4f}x")
     assert 1.0 <= ratio <= 1.01, log
+    assert "Traceback" not in log, log
 
 
 async def test_three_clients_at_once_share_one_upstream_transfer(
@@ -92,6 +93,7 @@ async def test_three_clients_at_once_share_one_upstream_transfer(
     ratio = proxy.counters.bytes_down / full_size(image)
     print(f"three clients: upstream sent {proxy.counters.bytes_down} B, {ratio:.4f}x the image")
     assert ratio <= 1.01, log
+    assert "Traceback" not in log, log
 
 
 # --------------------------------------------------------------------------- in process
