@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # the pull machinery loads on first use: `resumer fetch` star
     import aiohttp
 
     from .pull import PullOutcome
-    from .registry import RegistryClient
+    from .registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Engine:
 
     def registry(self, config: Config | None = None) -> RegistryClient:
         """One client (token cache, host health) per set of mirror/insecure options."""
-        from .registry import RegistryClient
+        from .registry.client import RegistryClient
 
         config = config or self.config
         key = (config.registry_mirrors, config.insecure_registries)

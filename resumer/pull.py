@@ -19,7 +19,9 @@ from .errors import ResumerError
 from .events import Event, ProgressCallback, Stats, ignore
 from .layout import Layout
 from .pulls import Pulls, PullState
-from .registry import Reference, RegistryClient, ResolvedImage, parse_reference
+from .registry.client import RegistryClient
+from .registry.manifest import ResolvedImage
+from .registry.reference import Reference, parse_reference
 from .retry import fails_for_good
 from .store import Store
 from .transfer import TransferManager

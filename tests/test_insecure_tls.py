@@ -33,7 +33,8 @@ from resumer.errors import (
 from resumer.fetch import _open
 from resumer.http import open_get
 from resumer.lab.images import LayerSpec, build_image, write_oci_layout
-from resumer.registry import _CERT_HINT, RegistryClient, parse_reference
+from resumer.registry import RegistryClient, parse_reference
+from resumer.registry.client import _CERT_HINT
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

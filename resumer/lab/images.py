@@ -528,7 +528,7 @@ async def push_to_registry(
     Blobs use the monolithic upload (POST, then PUT ?digest=) and are skipped when a HEAD
     says the registry already has them.
     """
-    import aiohttp  # the lab only: the library's own HTTP lives in fetch.py / registry.py
+    import aiohttp  # the lab only: the library's own HTTP lives in fetch.py / registry/
 
     if isinstance(session_or_url, str):
         async with aiohttp.ClientSession(auto_decompress=False) as own:

@@ -1,479 +1,84 @@
-"""The distribution API: references, manifests, platforms, token auth and mirrors.
-
-What lives here, top to bottom:
-
-- ``Reference`` / ``parse_reference``: image references normalised the way Docker does it
-  (``alpine`` → ``docker.io/library/alpine:latest``).
-- ``RegistryClient.resolve``: manifest (and index) → the platform's manifest → the config
-  blob, all small, all verified by digest, returned as a ``ResolvedImage``.
-- ``RegistryClient.blob_source``: a ``Source`` for one layer blob. It names the registry's
-  blob URL on each mirror and on the origin, with a fresh ``Authorization`` header per
-  attempt; ``fetch.py`` does the actual Range GET.
-- Auth: Bearer tokens from the ``WWW-Authenticate`` challenge, cached per (host, scope);
-  Basic credentials and identity tokens from Docker's ``config.json``.
-
-Every request goes through ``http.py`` (redirects, status → error, aiohttp's exceptions
-mapped into ``resumer.errors``) and is retried by ``retry.AttemptPolicy`` with the
-engine's ``max-download-attempts`` and ``retry-delay``, as blobs are. Which host to try
-first is the engine's ``hosts.HostHealth``, which these requests feed too. Secrets
-(tokens, passwords, pre-signed URLs) never reach a log record: only ``redact_url`` output
-and hosts are logged.
+"""The client: ``RegistryClient`` (hosts, mirrors, insecure registries and their probe,
+token requests, small GETs, ``resolve``) and ``RegistryBlobSource``, the ``Source`` of one
+layer blob, which lives here because it speaks for the client (its probe, its tokens, its
+host-health record).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import hashlib
 import ipaddress
 import json
 import logging
-import os
-import platform as host_platform
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
-from . import http
-from .clock import Clock, SystemClock
-from .config import Config
-from .errors import (
+from .. import http
+from ..clock import Clock, SystemClock
+from ..config import Config
+from ..errors import (
     AccessDeniedError,
     BrokenServerError,
     ConnectFailedError,
     DigestMismatchError,
     PlatformNotFoundError,
-    ReferenceError_,
     RegistryError,
     ResumerError,
 )
-from .hosts import DEMOTION_SECONDS as DEMOTION_SECONDS  # re-exported: it lives in hosts.py
-from .hosts import HostHealth, host_of
-from .retry import AttemptBudget, AttemptPolicy, LinearDelay, run
-from .source import Endpoint, redact_url
+from ..hosts import HostHealth, host_of
+from ..retry import AttemptBudget, AttemptPolicy, LinearDelay, run
+from ..source import Endpoint, redact_url
+from .auth import (
+    _TOKEN_LIMIT,
+    _TOKEN_MARGIN,
+    _TOKEN_MIN_LIFETIME,
+    Challenge,
+    Credentials,
+    _basic,
+    _hub_key,
+    _pull_scope,
+    _Token,
+    load_docker_credentials,
+    parse_challenges,
+)
+from .manifest import (
+    _INDEXES,
+    _MANIFESTS,
+    MANIFEST_ACCEPT,
+    MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
+    ResolvedImage,
+    _check_manifest_digest,
+    _load_json,
+    _media_type,
+    _parse_config,
+    _parse_image_manifest,
+    _pick_platform,
+)
+from .platform import (
+    Platform,
+    _matches,
+    _platform_candidates,
+    host_platform_default,
+    parse_platform,
+)
+from .reference import _DIGEST, Reference, parse_reference
 
 if TYPE_CHECKING:  # the session's type only: requests go through http.py
     import aiohttp
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------------------
-# References
-# --------------------------------------------------------------------------------------
 
-DOCKER_HUB = "docker.io"
-#: where Docker Hub's distribution API actually answers
-DOCKER_HUB_API = "registry-1.docker.io"
-_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
-
-# Docker's grammar (distribution/reference), written out again here.
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = re.compile(
-    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$"
-)
-_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_ANY_DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_NAME_MAX = 255
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A normalised image reference: ``registry/repository[:tag][@digest]``."""
-
-    #: ``docker.io`` for Docker Hub, otherwise ``host[:port]`` as written
-    registry: str
-    #: the repository path, ``library/alpine`` for Docker Hub's official images
-    repository: str
-    tag: str | None = None
-    #: ``sha256:<hex>`` when pinned; the manifest must hash to it
-    digest: str | None = None
-
-    def __str__(self) -> str:
-        text = f"{self.registry}/{self.repository}"
-        if self.tag is not None:
-            text += f":{self.tag}"
-        if self.digest is not None:
-            text += f"@{self.digest}"
-        return text
-
-    @property
-    def name(self) -> str:
-        """``registry/repository``, without tag or digest."""
-        return f"{self.registry}/{self.repository}"
-
-    @property
-    def api_host(self) -> str:
-        """The host[:port] that serves the distribution API for this registry."""
-        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
-
-    @property
-    def is_docker_hub(self) -> bool:
-        return self.registry == DOCKER_HUB
-
-    @property
-    def manifest_ref(self) -> str:
-        """What goes after ``/manifests/``: the digest when pinned (Docker ignores the tag)."""
-        return self.digest or self.tag or "latest"
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse and normalise an image reference as ``docker pull`` does.
-
-    A bare name gets ``docker.io``, a one-component Hub name gets ``library/``, and a
-    reference with neither tag nor digest gets ``:latest``.
-    """
-    raw = text
-    if not text or text != text.strip():
-        raise ReferenceError_(f"invalid reference {raw!r}: empty or surrounded by whitespace")
-    digest: str | None = None
-    if "@" in text:
-        text, _, digest = text.partition("@")
-        if not _ANY_DIGEST.match(digest):
-            raise ReferenceError_(f"invalid reference {raw!r}: malformed digest {digest!r}")
-        if not _DIGEST.match(digest):
-            raise ReferenceError_(
-                f"invalid reference {raw!r}: only sha256 digests with 64 lowercase hex "
-                f"digits are supported, got {digest!r}"
-            )
-    tag: str | None = None
-    # A tag is the part after the last ':' that comes after the last '/': a ':' before
-    # that is a port.
-    slash = text.rfind("/")
-    colon = text.rfind(":")
-    if colon > slash:
-        text, tag = text[:colon], text[colon + 1 :]
-        if not _TAG.match(tag):
-            raise ReferenceError_(
-                f"invalid reference {raw!r}: invalid tag {tag!r} (letters, digits, '_', "
-                f"'.' and '-', not starting with '.' or '-', at most 128 characters)"
-            )
-    if not text:
-        raise ReferenceError_(f"invalid reference {raw!r}: no repository name")
-
-    registry, path = _split_domain(text)
-    if not _DOMAIN.match(registry):
-        raise ReferenceError_(f"invalid reference {raw!r}: invalid registry host {registry!r}")
-    if registry in ("index.docker.io",):
-        registry = DOCKER_HUB
-    if registry == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    if path != path.lower():
-        raise ReferenceError_(f"invalid reference {raw!r}: repository name must be lowercase")
-    for component in path.split("/"):
-        if not _PATH_COMPONENT.match(component):
-            raise ReferenceError_(
-                f"invalid reference {raw!r}: invalid repository path component "
-                f"{component!r} (lowercase letters and digits, separated by '.', '_', "
-                f"'__' or dashes)"
-            )
-    if _HEX64.match(path.rpartition("/")[2]) and registry == DOCKER_HUB and tag is None:
-        # Docker refuses these: they would be mistaken for image IDs.
-        raise ReferenceError_(
-            f"invalid reference {raw!r}: a 64-character hexadecimal string is an image ID, "
-            f"not a repository name"
-        )
-    if len(registry) + 1 + len(path) > _NAME_MAX:
-        raise ReferenceError_(
-            f"invalid reference {raw!r}: repository name longer than {_NAME_MAX} characters"
-        )
-    if tag is None and digest is None:
-        tag = "latest"
-    return Reference(registry, path, tag, digest)
-
-
-def _split_domain(name: str) -> tuple[str, str]:
-    first, sep, rest = name.partition("/")
-    # Docker's rule: the first component names a registry only if it looks like a host
-    # (a dot, a port, "localhost") or has capitals, which a repository path never has.
-    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
-        return first, rest
-    return DOCKER_HUB, name
-
-
-# --------------------------------------------------------------------------------------
-# Manifests and images
-# --------------------------------------------------------------------------------------
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-_SCHEMA1 = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
-_INDEXES = frozenset({OCI_INDEX, DOCKER_LIST})
-_MANIFESTS = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-_IMAGE_CONFIGS = frozenset(
-    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
-)
-#: Without this list the CNCF registry answers 404 for OCI manifests and converts Docker
-#: ones to schema1, so every manifest GET sends it.
-MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-
-#: The distribution registry refuses manifests above 4 MiB; so do we.
-MAX_MANIFEST_BYTES = 4 << 20
-#: Image configs are small JSON; refuse a "config" big enough to hurt memory.
-MAX_CONFIG_BYTES = 32 << 20
-
-
-@dataclass(frozen=True)
-class LayerDescriptor:
-    """One layer of an image, in order from the base."""
-
-    digest: str
-    size: int
-    media_type: str
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    """An image reference resolved to everything needed before the first layer byte moves."""
-
-    reference: Reference
-    manifest: bytes
-    manifest_digest: str
-    manifest_media_type: str
-    config: bytes
-    config_digest: str
-    config_media_type: str
-    layers: tuple[LayerDescriptor, ...]
-    #: rootfs.diff_ids of the config, one per layer, in the same order
-    diff_ids: tuple[str, ...]
-    #: ``os/arch[/variant]`` of the image, from the index entry or the config
-    platform: str
-    index: bytes | None = None
-    index_digest: str | None = None
-    index_media_type: str | None = None
-    #: where the manifest came from (redacted base URL): a mirror or the origin
-    served_by: str = ""
-
-    @property
-    def digest(self) -> str:
-        """The digest ``docker pull`` prints: the index's when there is one."""
-        return self.index_digest or self.manifest_digest
-
-
-@dataclass(frozen=True, order=True)
-class Platform:
-    """``os/arch[/variant]``, normalised the way containerd compares them."""
-
-    os: str
-    architecture: str
-    variant: str = ""
-
-    def __str__(self) -> str:
-        text = f"{self.os}/{self.architecture}"
-        return f"{text}/{self.variant}" if self.variant else text
-
-
-_ARCH_ALIASES = {
-    "x86_64": ("amd64", ""),
-    "x86-64": ("amd64", ""),
-    "amd64": ("amd64", ""),
-    "aarch64": ("arm64", "v8"),
-    "arm64": ("arm64", "v8"),
-    "armv8l": ("arm", "v8"),
-    "armv7l": ("arm", "v7"),
-    "armhf": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "armel": ("arm", "v6"),
-    "armv5l": ("arm", "v5"),
-    "i386": ("386", ""),
-    "i486": ("386", ""),
-    "i586": ("386", ""),
-    "i686": ("386", ""),
-    "386": ("386", ""),
-    "ppc64le": ("ppc64le", ""),
-    "s390x": ("s390x", ""),
-    "riscv64": ("riscv64", ""),
-    "mips64": ("mips64", ""),
-    "mips64el": ("mips64le", ""),
-    "loongarch64": ("loong64", ""),
-}
-
-
-def normalize_platform(os_name: str, arch: str, variant: str = "") -> Platform:
-    """Apply containerd's aliases: aarch64 → arm64/v8, x86_64 → amd64, armhf → arm/v7 …"""
-    os_name = os_name.lower()
-    arch = arch.lower()
-    variant = variant.lower()
-    if arch in _ARCH_ALIASES:
-        canon, implied = _ARCH_ALIASES[arch]
-        arch, variant = canon, variant or implied
-    if arch == "arm64" and variant in ("", "8"):
-        variant = "v8"  # arm64 and arm64/v8 are the same platform
-    if arch == "arm" and variant in ("5", "6", "7", "8"):
-        variant = "v" + variant
-    return Platform(os_name, arch, variant)
-
-
-def parse_platform(text: str) -> Platform:
-    """``linux/arm64``, ``linux/arm/v7`` → Platform; anything else is a usage error."""
-    parts = text.strip().split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ReferenceError_(
-            f"invalid platform {text!r}: expected OS/ARCH or OS/ARCH/VARIANT, "
-            "for example linux/amd64"
-        )
-    return normalize_platform(*parts)
-
-
-def host_platform_default() -> Platform:
-    """The platform ``docker pull`` would pick here: linux on this machine's arch."""
-    return normalize_platform("linux", host_platform.machine() or "amd64")
-
-
-def _platform_candidates(wanted: Platform) -> list[Platform]:
-    """What satisfies ``wanted``, best first: arm/v7 also runs v6 and v5 images."""
-    if wanted.architecture == "arm" and wanted.variant in ("v8", "v7", "v6", "v5"):
-        order = ["v8", "v7", "v6", "v5"]
-        return [Platform(wanted.os, "arm", v) for v in order[order.index(wanted.variant) :]]
-    return [wanted]
-
-
-def _matches(entry: Platform, candidate: Platform, *, any_variant: bool) -> bool:
-    if (entry.os, entry.architecture) != (candidate.os, candidate.architecture):
-        return False
-    return any_variant or entry.variant == candidate.variant
-
-
-# --------------------------------------------------------------------------------------
-# Auth: challenges, credentials, tokens
-# --------------------------------------------------------------------------------------
-
-_AUTH_PARAM = re.compile(r'[\s,]*([\w!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
-_AUTH_SCHEME = re.compile(r"[\s,]*([A-Za-z][\w.+-]*)(?=\s|,|$)")
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """One ``WWW-Authenticate`` challenge: ``Bearer realm="…",service="…"``."""
-
-    scheme: str
-    params: Mapping[str, str]
-
-
-def parse_challenges(header: str) -> list[Challenge]:
-    """Parse a WWW-Authenticate value; it may hold several challenges (RFC 9110 §11.6.1)."""
-    out: list[Challenge] = []
-    scheme: str | None = None
-    params: dict[str, str] = {}
-    pos = 0
-    while pos < len(header):
-        m = _AUTH_PARAM.match(header, pos)
-        if m and scheme is not None:
-            value = m.group(2)
-            if value.startswith('"') and len(value) >= 2:
-                value = re.sub(r"\\(.)", r"\1", value[1:-1])
-            params[m.group(1).lower()] = value
-            pos = m.end()
-            continue
-        m = _AUTH_SCHEME.match(header, pos)
-        if not m:
-            break  # malformed: keep what parsed so far
-        if scheme is not None:
-            out.append(Challenge(scheme, params))
-        scheme, params = m.group(1).lower(), {}
-        pos = m.end()
-    if scheme is not None:
-        out.append(Challenge(scheme, params))
-    return out
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What ``config.json`` holds for one registry. ``repr`` never shows the secrets."""
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-
-    def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r}, secrets=<redacted>)"
-
-
-def _hub_key(host: str) -> str:
-    return DOCKER_HUB if host in _HUB_ALIASES else host
-
-
-def load_docker_credentials(config_dir: Path | None = None) -> dict[str, Credentials]:
-    """Read ``auths`` from Docker's config.json, keyed by host[:port].
-
-    ``DOCKER_CONFIG`` is honoured, then ``~/.docker``. credsStore and credHelpers are not
-    run: a missing or unreadable file means anonymous access, never an error.
-    """
-    if config_dir is None:
-        env = os.environ.get("DOCKER_CONFIG")
-        config_dir = Path(env) if env else Path.home() / ".docker"
-    path = config_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        # The message of a JSONDecodeError quotes no content, only a position.
-        log.warning("ignoring docker config %s: %s", path, type(exc).__name__)
-        return {}
-    auths = raw.get("auths") if isinstance(raw, dict) else None
-    if not isinstance(auths, dict):
-        return {}
-    out: dict[str, Credentials] = {}
-    for key, entry in auths.items():
-        if not isinstance(entry, dict):
-            continue
-        # Keys are "host", "https://host" or Hub's legacy "https://index.docker.io/v1/".
-        host = _hub_key(urlsplit(key).netloc if "://" in key else key.partition("/")[0])
-        user = entry.get("username") if isinstance(entry.get("username"), str) else ""
-        password = entry.get("password") if isinstance(entry.get("password"), str) else ""
-        encoded = entry.get("auth")
-        if isinstance(encoded, str) and encoded:
-            try:
-                user, _, password = base64.b64decode(encoded).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                log.warning("ignoring undecodable auth entry for %s in %s", host, path)
-                continue
-        token = entry.get("identitytoken")
-        creds = Credentials(
-            str(user or ""), str(password or ""), token if isinstance(token, str) else ""
-        )
-        if creds.username or creds.password or creds.identity_token:
-            out[host] = creds
-    return out
-
-
-@dataclass
-class _Token:
-    value: str
-    expires_at: float  # on the injected clock's monotonic scale
-
-
-#: Spec default when a token server gives no expires_in; Docker uses the same floor.
-_TOKEN_MIN_LIFETIME = 60.0
-#: A token server's answer is a small JSON document.
-_TOKEN_LIMIT = 1 << 20
 #: What to do about a registry certificate nothing trusts.
 _CERT_HINT = (
     "for a registry with a self-signed or private certificate, trust its CA "
     "(SSL_CERT_FILE=CA.pem) or pass --insecure-registry HOST[:PORT]"
 )
-#: Refresh a token with less than this left, so a request never races its expiry.
-_TOKEN_MARGIN = 20.0
-
-
-# --------------------------------------------------------------------------------------
-# The client
-# --------------------------------------------------------------------------------------
 
 
 _Response = http.SmallResponse
@@ -1029,19 +634,6 @@ class RegistryBlobSource:
         self._client.note_success(endpoint.url)
 
 
-# --------------------------------------------------------------------------------------
-# Helpers: parsing and error mapping
-# --------------------------------------------------------------------------------------
-
-
-def _pull_scope(ref: Reference) -> str:
-    return f"repository:{ref.repository}:pull"
-
-
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
 def _registry_message(body: bytes) -> str:
     """The distribution API's ``{"errors": [{"code", "message"}]}``, for error texts."""
     try:
@@ -1068,145 +660,3 @@ def _what(kind: str, ref: Reference, ident: str) -> str:
     noun = "manifest" if kind == "manifests" else "blob"
     return f"{noun} {ref.name}{'@' if ':' in ident else ':'}{ident}"
 
-
-def _safe_reason(exc: BaseException) -> str:
-    # aiohttp messages can quote the request URL, which may be pre-signed: redact URLs.
-    return re.sub(r"https?://[^\s'\"]+", lambda m: redact_url(m.group(0)), str(exc))
-
-
-def _check_manifest_digest(what: str, resp: _Response, pinned: str | None) -> str:
-    digest = "sha256:" + hashlib.sha256(resp.body).hexdigest()
-    if pinned is not None and digest != pinned:
-        raise DigestMismatchError(
-            f"manifest {what}: content hashes to {digest}, not the pinned {pinned}",
-            resumed=False,
-        )
-    header = resp.headers.get("Docker-Content-Digest")
-    if header and header.strip() != digest:
-        raise DigestMismatchError(
-            f"manifest {what}: content hashes to {digest} but the registry says "
-            f"Docker-Content-Digest {header.strip()}",
-            resumed=False,
-        )
-    return digest
-
-
-def _load_json(what: str, body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"manifest {what}: not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise RegistryError(f"manifest {what}: not a JSON object")
-    return doc
-
-
-def _media_type(what: str, doc: Mapping[str, Any], content_type: str) -> str:
-    declared = doc.get("mediaType")
-    header = content_type.partition(";")[0].strip()
-    if doc.get("schemaVersion") == 1 or declared in _SCHEMA1 or header in _SCHEMA1:
-        raise RegistryError(
-            f"manifest {what}: Docker schema1 manifests are not supported "
-            "(the registry should serve schema2 or OCI; it did not honour Accept)"
-        )
-    if doc.get("schemaVersion") != 2:
-        raise RegistryError(
-            f"manifest {what}: unsupported schemaVersion {doc.get('schemaVersion')!r}"
-        )
-    for candidate in (declared, header):
-        if isinstance(candidate, str) and candidate in _INDEXES | _MANIFESTS:
-            return candidate
-    # OCI makes mediaType optional: infer it from the shape.
-    if "manifests" in doc:
-        return OCI_INDEX
-    if "config" in doc and "layers" in doc:
-        return OCI_MANIFEST
-    raise RegistryError(f"manifest {what}: unknown media type {declared or header or '(none)'!r}")
-
-
-def _descriptor(what: str, field: str, raw: Any) -> LayerDescriptor:
-    if not isinstance(raw, dict):
-        raise RegistryError(f"manifest {what}: {field} is not an object")
-    digest, size, media_type = raw.get("digest"), raw.get("size"), raw.get("mediaType")
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise RegistryError(f"manifest {what}: {field} has a missing or non-sha256 digest")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise RegistryError(f"manifest {what}: {field} has a missing or invalid size")
-    if not isinstance(media_type, str) or not media_type:
-        raise RegistryError(f"manifest {what}: {field} has no mediaType")
-    return LayerDescriptor(digest, size, media_type)
-
-
-def _parse_image_manifest(
-    what: str, doc: Mapping[str, Any]
-) -> tuple[LayerDescriptor, list[LayerDescriptor]]:
-    if "config" not in doc:
-        raise RegistryError(f"manifest {what}: no config descriptor")
-    config = _descriptor(what, "config", doc["config"])
-    if config.media_type not in _IMAGE_CONFIGS:
-        raise RegistryError(
-            f"manifest {what}: not a container image (config media type {config.media_type})"
-        )
-    raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, list):
-        raise RegistryError(f"manifest {what}: 'layers' is missing or not a list")
-    layers = [_descriptor(what, f"layers[{i}]", raw) for i, raw in enumerate(raw_layers)]
-    return config, layers
-
-
-def _parse_config(what: str, digest: str, body: bytes) -> tuple[list[str], Platform]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"config {digest} of {what}: not valid JSON") from exc
-    rootfs = doc.get("rootfs") if isinstance(doc, dict) else None
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(
-        isinstance(d, str) and _DIGEST.match(d) for d in diff_ids
-    ):
-        raise RegistryError(
-            f"config {digest} of {what}: rootfs.diff_ids is missing or not a list of sha256 digests"
-        )
-    assert isinstance(doc, dict)
-    plat = normalize_platform(
-        str(doc.get("os") or "unknown"),
-        str(doc.get("architecture") or "unknown"),
-        str(doc.get("variant") or ""),
-    )
-    return list(diff_ids), plat
-
-
-def _pick_platform(
-    what: str, doc: Mapping[str, Any], wanted: Platform
-) -> tuple[dict[str, Any], Platform]:
-    entries = doc.get("manifests")
-    if not isinstance(entries, list):
-        raise RegistryError(f"index {what}: 'manifests' is missing or not a list")
-    available: list[tuple[Platform, dict[str, Any]]] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise RegistryError(f"index {what}: manifests[{i}] is not an object")
-        if not isinstance(entry.get("digest"), str) or not _DIGEST.match(entry["digest"]):
-            raise RegistryError(f"index {what}: manifests[{i}] has a missing or bad digest")
-        plat = entry.get("platform")
-        if not isinstance(plat, dict):
-            continue
-        p = normalize_platform(
-            str(plat.get("os", "")),
-            str(plat.get("architecture", "")),
-            str(plat.get("variant") or ""),
-        )
-        if p.os == "unknown" or p.architecture == "unknown":
-            continue  # buildx attestations, not images
-        available.append((p, entry))
-    for candidate in _platform_candidates(wanted):
-        # An exact variant first; a request without a variant takes the first of its arch.
-        for p, entry in available:
-            if _matches(p, candidate, any_variant=not candidate.variant):
-                if entry.get("mediaType") in _INDEXES:
-                    raise RegistryError(f"index {what}: nested indexes are not supported")
-                return entry, p
-    names = ", ".join(sorted({str(p) for p, _ in available})) or "none"
-    raise PlatformNotFoundError(
-        f"{what}: no manifest for platform {wanted}; available platforms: {names}"
-    )
