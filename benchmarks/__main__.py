@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "power": "benchmarks.power",
     "links": "benchmarks.links",
     "tear": "benchmarks.tear",
+    "serve": "benchmarks.serve",
     # last: gathers the reports above into results/SUMMARY.md
     "summary": "benchmarks.summary",
 }

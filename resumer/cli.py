@@ -181,10 +181,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--registry-mirror", action="append", metavar="URL")
     sv.add_argument("--insecure-registry", action="append", metavar="HOST[:PORT]")
+    sv.add_argument(
+        "--max-clients",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="requests served at once; more wait briefly, then get 429 (default 128)",
+    )
+    sv.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=15.0,
+        metavar="SECONDS",
+        help="drop a client that takes longer to send its request, or idles (default 15)",
+    )
     _common(sv)
 
     _add_demo_parser(sub)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 #: the demo builds its image on disk: a bigger one is a typo, not a demonstration
@@ -527,7 +561,11 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
         root_of(args),
         config,
         listen,
-        MirrorSettings(upstream=args.upstream),
+        MirrorSettings(
+            upstream=args.upstream,
+            max_clients=args.max_clients,
+            header_timeout=args.header_timeout,
+        ),
         on_ready=ready,
         on_wait=_say,
         stop=stop,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .content.partial import Ingest
 from .layout import Layout, fsync_dir, make_dirs
+from .serve.cache import PINNED_SQL
 from .store import TransferState
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ async def prune_blobs(ingest: Ingest, *, before: float) -> list[tuple[str, int]]
 
     Needed, so kept: every blob reachable from an image in the root's ``index.json``
     (its manifests, configs and layers) or from a stored pull of any state (its manifest
-    and layers: ``resume`` and "Already exists" count on them), and every blob created
+    and layers: ``resume`` and "Already exists" count on them) or from a manifest that
+    ``resumer serve`` cached (its clients count on it offline), and every blob created
     or linked at or after ``before`` (the start of the run: one still being written by
     a pull into this root as its ``--dest``). What goes is what ``fetch`` alone brought
     in, and what ``rm`` let go. A corrupt ``index.json`` raises ``StoreError`` before
@@ -163,7 +165,7 @@ async def _pinned(ingest: Ingest) -> set[str]:
     images = await asyncio.to_thread(ingest.layout.images)
     rows = await ingest.store.read(
         "SELECT manifest_digest FROM pulls WHERE manifest_digest IS NOT NULL"
-        " UNION SELECT digest FROM pull_layers"
+        " UNION SELECT digest FROM pull_layers UNION " + PINNED_SQL
     )
     return {e.digest for e in images} | {r[0] for r in rows}
 

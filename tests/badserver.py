@@ -58,7 +58,7 @@ class BlobServer:
     requests: list[Logged] = field(default_factory=list)
     bytes_served: int = 0
     #: requests that reached the handler, finished or not (``requests`` logs the finished)
-    arrived: int = 0
+    reached: int = 0
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -94,7 +94,7 @@ class BlobServer:
         await self.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.arrived += 1
+        self.reached += 1
         name = request.match_info["name"]
         b = self.script.pop(0) if self.script else HONEST
         headers = dict(request.headers)

@@ -240,4 +240,4 @@ async def test_a_spent_wire_budget_opens_no_new_range(tmp_path: Path, connection
         finally:
             await partial.close()
         assert isinstance(out.error, WireBudgetExhaustedError), out.error
-        assert srv.arrived == 0
+        assert srv.reached == 0

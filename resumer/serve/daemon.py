@@ -25,7 +25,7 @@ from ..config import Config
 from ..engine import Engine
 from ..errors import UsageError
 from .control import ControlServer
-from .mirror import MirrorSettings, mirror_app
+from .mirror import MirrorSettings, mirror_app, server_options
 from .supervisor import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,9 @@ async def serve(
     async with Engine.open(root, config, on_wait=on_wait) as engine:
         supervisor = Supervisor(engine, clock=clock, backoff=backoff)
         control = ControlServer(engine, supervisor)
-        runner = web.AppRunner(mirror_app(engine, settings), access_log=None)
+        runner = web.AppRunner(
+            mirror_app(engine, settings), access_log=None, **server_options(settings)
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, listen.host, listen.port)
