@@ -12,6 +12,10 @@ onto itself: the next daemon reuses that mount); ``stop()`` terminates it and un
 whatever it left at or under its roots. ``with dockerd(base) as d:`` starts one and stops
 and removes it on exit.
 
+``extra_args`` go after those flags (another ``--insecure-registry``, say) and ``prefix``
+before ``dockerd`` (``nsenter --net=/run/netns/NS --``: the daemon in a network namespace,
+reached by the client through its socket's path all the same).
+
 The client is Debian's ``/usr/bin/docker`` (the same 20.10), named by path: another
 ``docker`` may come first on PATH. Nothing here imports resumer.
 """
@@ -100,6 +104,8 @@ class Dockerd:
         max_concurrent_downloads: int | None = None,
         exec_root: Path | None = None,
         log: Path | None = None,
+        prefix: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.base = base
         self.data_root = base / "data"
@@ -110,6 +116,8 @@ class Dockerd:
         self.log = log if log is not None else base / "dockerd.log"
         self.max_download_attempts = max_download_attempts
         self.max_concurrent_downloads = max_concurrent_downloads
+        self.prefix = list(prefix)  # the daemon's argv goes after it (e.g. nsenter --net=…)
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s: list[float] = []  # each start's time to answer `docker version`
         self.kills = 0
@@ -145,7 +153,7 @@ class Dockerd:
         ]
         if self.max_concurrent_downloads is not None:
             out += ["--max-concurrent-downloads", str(self.max_concurrent_downloads)]
-        return out
+        return [*out, *self.extra_args]
 
     def docker(self, *args: str) -> list[str]:
         """The client's argv against this daemon's socket."""
@@ -174,10 +182,11 @@ class Dockerd:
             cfg.write_text("{}\n")  # not /etc/docker/daemon.json
         self.sock.unlink(missing_ok=True)
         with self.log.open("ab") as out:
-            out.write(f"--- start: {' '.join(self.argv())}\n".encode())
+            argv = [*self.prefix, *self.argv()]
+            out.write(f"--- start: {' '.join(argv)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                self.argv(),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
