@@ -28,21 +28,21 @@ flag; ``curl --retry 10 --retry-all-errors`` (restarts from byte 0); ``aria2c -x
 small blobs: the report shows how many it opened); ``docker pull`` of a one-layer image
 (below).
 
-**docker pull.** Once per benchmark, each case gets a one-layer image whose layer is a
-real tar+gzip of incompressible bytes (``resumer.lab.images``, seeded; about the case's
-size), pushed into a registry storage directory by a CNCF registry on loopback. Each run
-starts a fresh ``docker-registry serve`` inside namespace b on that storage (listening on
+**docker pull.** Once per benchmark, each case gets a one-layer image whose layer is a real
+tar+gzip of incompressible bytes (``resumer.lab.images``, seeded; about the case's size),
+pushed into a registry storage directory by a CNCF registry on loopback. Each run starts a
+fresh ``docker-registry serve`` inside namespace b on that storage (listening on
 10.213.0.2:5000) instead of nginx, and a fresh dockerd 20.10 (``benchmarks.dockerd``: vfs,
 empty data root, ``--max-download-attempts 11``, ``--insecure-registry 10.213.0.2/32``)
-inside namespace a through ``ip netns exec`` (so in a mount namespace of its own: its
-mounts die with it). The run's window starts only once ``docker version`` answers; then
-``docker pull`` runs in namespace a, and ``ss`` in a counts dockerd's connections, which are
-the ones that download. Completed = exit 0 and dockerd's reference store naming the tag and
-the manifest digest; goodput = layer bytes / wall. dockerd retries on its own schedule (it
-cannot be set), and tries HTTPS before plain HTTP. dockerd is stopped and its roots removed
-after every run. ``start_offset_s`` in each row is the time from the link's start to the
-tool's spawn (dockerd's start makes it longer than the others': the outage cycle has moved
-on by then).
+inside namespace a through ``nsenter --net`` (not ``ip netns exec``, whose remounted /sys
+hides the cgroup mounts dockerd needs to start). The run's window starts only once ``docker
+version`` answers; then ``docker pull`` runs in namespace a, and ``ss`` in a counts
+dockerd's connections, which are the ones that download. Completed = exit 0 and dockerd's
+reference store naming the tag and the manifest digest; goodput = layer bytes / wall.
+dockerd retries on its own schedule (it cannot be set), and tries HTTPS before plain HTTP.
+dockerd is stopped and its roots removed after every run. ``start_offset_s`` in each row is
+the time from the link's start to the tool's spawn (dockerd's start makes it longer than
+the others': the outage cycle has moved on by then).
 
 Needs root and /dev/net/tun. Without them it writes a results file that says why.
 """
@@ -168,7 +168,9 @@ def _dockerd_of(scratch: Path, link: LinkEmulator | None = None) -> Dockerd:
     return Dockerd(
         scratch / "dockerd",
         max_download_attempts=ATTEMPTS,
-        prefix=link.exec_argv(link.ns_a, []),
+        # The network namespace only: `ip netns exec` also unshares the mount namespace and
+        # remounts /sys, which hides /sys/fs/cgroup ("Devices cgroup isn't mounted": exit 1).
+        prefix=["nsenter", f"--net=/run/netns/{link.ns_a}", "--"],
         extra_args=["--insecure-registry", f"{link.addr_b}/32"],
     )
 
@@ -768,7 +770,7 @@ def render(data: dict[str, Any]) -> str:
         common.machine_line(data["machine"]),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
         f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; {ver['nginx']}"
-        + (f"; {ver['dockerd']}; {ver['docker-registry']}." if "dockerd" in ver else "."),
+        + (f"; dockerd: {ver['dockerd']}; {ver['docker-registry']}." if "dockerd" in ver else "."),
         f"- **Server congestion control:** {' and '.join(c.upper() for c in ccs)}, one pass "
         f"each, set in namespace b only (via: {', '.join(data['server_cc_via'])}: the "
         "kernel refuses `sysctl net.ipv4.tcp_congestion_control=cubic` outside the root "
@@ -819,7 +821,7 @@ def render(data: dict[str, Any]) -> str:
             "- **docker pull:** a fresh `docker-registry serve` in namespace b (instead of "
             "nginx) on a one-layer image pushed once per case (a real tar+gzip of "
             "incompressible bytes; layer sizes under Profiles), and a fresh dockerd 20.10 in "
-            "namespace a (`ip netns exec`; vfs, empty data root, `--insecure-registry "
+            "namespace a (`nsenter --net`; vfs, empty data root, `--insecure-registry "
             "10.213.0.2/32`), stopped and removed after each run. The window starts once "
             "`docker version` answers, so the pull starts later on the link's clock than the "
             f"other tools (link start to spawn: {_span(offsets)} s for docker against "
