@@ -25,9 +25,24 @@ Clients (every one: 11 tries, 1 s apart): ``resumer fetch`` with one connection 
 ``resumer fetch --max-connections-per-blob 4`` only if ``resumer fetch --help`` lists that
 flag; ``curl --retry 10 --retry-all-errors`` (restarts from byte 0); ``aria2c -x4 -s4``
 (resumes; with its default ``--min-split-size=20M`` it opens fewer than 4 connections on
-small blobs: the report shows how many it opened). ``docker pull`` of a one-layer image
-is a hook (the ``docker`` entry of ``TOOLS``, disabled: benchmarks/dockerd.py lives on
-another branch).
+small blobs: the report shows how many it opened); ``docker pull`` of a one-layer image
+(below).
+
+**docker pull.** Once per benchmark, each case gets a one-layer image whose layer is a real
+tar+gzip of incompressible bytes (``resumer.lab.images``, seeded; about the case's size),
+pushed into a registry storage directory by a CNCF registry on loopback. Each run starts a
+fresh ``docker-registry serve`` inside namespace b on that storage (listening on
+10.213.0.2:5000) instead of nginx, and a fresh dockerd 20.10 (``resumer.lab.dockerd``: vfs,
+empty data root, ``--max-download-attempts 11``, ``--insecure-registry 10.213.0.2/32``)
+inside namespace a through ``nsenter --net`` (not ``ip netns exec``, whose remounted /sys
+hides the cgroup mounts dockerd needs to start). The run's window starts only once ``docker
+version`` answers; then ``docker pull`` runs in namespace a, and ``ss`` in a counts
+dockerd's connections, which are the ones that download. Completed = exit 0 and dockerd's
+reference store naming the tag and the manifest digest; goodput = layer bytes / wall.
+dockerd retries on its own schedule (it cannot be set), and tries HTTPS before plain HTTP.
+dockerd is stopped and its roots removed after every run. ``start_offset_s`` in each row is
+the time from the link's start to the tool's spawn (dockerd's start makes it longer than
+the others': the outage cycle has moved on by then).
 
 Needs root and /dev/net/tun. Without them it writes a results file that says why.
 """
@@ -39,6 +54,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -49,17 +65,21 @@ from typing import Any
 
 from resumer.errors import LinkLabError
 from resumer.lab import linkemu
+from resumer.lab.dockerd import DOCKER, DOCKERD, Dockerd
+from resumer.lab.dockerd import versions as dockerd_versions
 from resumer.lab.linkemu import LinkEmulator, LinkProfile
 
 from . import common
-from .common import MiB
+from .common import BenchImage, MiB
 
 NAME = "links"
 SEED = 20240607
 PORT = 8080  # inside namespace b only: the namespaces are new for every run
 WINDOW_S = 30.0  # per run: stopped here if not done; goodput from bytes received
 SAMPLE_S = 0.5  # how often the client's sockets are read during a run
-ATTEMPTS = 11  # resumer/aria2c tries = curl's 1 + 10 retries
+ATTEMPTS = 11  # resumer/aria2c tries = curl's 1 + 10 retries (and dockerd's per layer)
+REGISTRY_PORT = 5000  # docker pull's registry, inside namespace b only
+IMAGE_TAG = "latest"
 CCS = ("cubic", "bbr")
 GOAL_BBR_RATIO = 0.8
 GOAL_CURL_FACTOR = 3.0
@@ -141,17 +161,39 @@ def _aria2c_x4(url: str, digest: str, scratch: Path) -> list[str]:
     return ["aria2c", "-x4", "-s4", *[a for a in argv[1:] if a not in ("-x1", "-s1")]]
 
 
-def _docker_pull(url: str, digest: str, scratch: Path) -> list[str]:
-    raise NotImplementedError("docker pull: see the docker entry of TOOLS")
+def _dockerd_of(scratch: Path, link: LinkEmulator | None = None) -> Dockerd:
+    """The run's dockerd: in namespace a when ``link`` is given (same socket either way)."""
+    if link is None:
+        return Dockerd(scratch / "dockerd", max_download_attempts=ATTEMPTS)
+    return Dockerd(
+        scratch / "dockerd",
+        max_download_attempts=ATTEMPTS,
+        # The network namespace only: `ip netns exec` also unshares the mount namespace and
+        # remounts /sys, which hides /sys/fs/cgroup ("Devices cgroup isn't mounted": exit 1).
+        prefix=["nsenter", f"--net=/run/netns/{link.ns_a}", "--"],
+        extra_args=["--insecure-registry", f"{link.addr_b}/32"],
+    )
+
+
+def _docker_pull(ref: str, digest: str, scratch: Path) -> list[str]:
+    return _dockerd_of(scratch).pull_argv(ref)
+
+
+def _docker_missing() -> str | None:
+    need = {"dockerd": DOCKERD, "docker": DOCKER, "docker-registry": "docker-registry"}
+    missing = [name for name, path in need.items() if shutil.which(path) is None]
+    return f"not installed here: {', '.join(missing)}" if missing else None
 
 
 @dataclass(frozen=True)
 class Tool:
     key: str
     label: str
-    argv: Callable[[str, str, Path], list[str]]  # (url, digest, scratch) → argv
+    argv: Callable[[str, str, Path], list[str]]  # (url or ref, digest, scratch) → argv
     #: None when the tool runs; else why it is left out (stated in the results)
     skip: Callable[[], str | None] = lambda: None
+    #: pulls the case's image from a registry (with a dockerd of its own), not the blob
+    pulls_image: bool = False
 
 
 TOOLS = [
@@ -168,16 +210,8 @@ TOOLS = [
     ),
     Tool("curl", "curl --retry 10", _curl),
     Tool("aria2c-x4", "aria2c -x4 -s4", _aria2c_x4),
-    # Hook for the dockerd peer (benchmarks/dockerd.py, on another branch): `docker pull`
-    # of a one-layer image holding the case's blob, dockerd in namespace a and a registry
-    # (not nginx) in namespace b. To enable: give this entry an argv and a skip that
-    # returns None, and start the registry beside nginx in one_run.
-    Tool(
-        "docker",
-        "docker pull (one layer)",
-        _docker_pull,
-        lambda: "hook only: dockerd as a peer comes with benchmarks/dockerd.py (another branch)",
-    ),
+    # dockerd in namespace a, the registry (not nginx) in namespace b: see the module doc.
+    Tool("docker", "docker pull (one layer)", _docker_pull, _docker_missing, pulls_image=True),
 ]
 
 
@@ -209,22 +243,46 @@ def _start_nginx(link: LinkEmulator, docroot: Path, workdir: Path) -> subprocess
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return _answering(link, proc, f"http://{link.addr_b}:{PORT}/", "nginx", err)
+
+
+def _start_registry(link: LinkEmulator, storage: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    """``docker-registry serve`` in namespace b on ``addr_b:REGISTRY_PORT``, over ``storage``."""
+    servers = common.load_servers()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = servers.registry_config(storage.resolve(), REGISTRY_PORT)
+    config["http"]["addr"] = f"{link.addr_b}:{REGISTRY_PORT}"
+    path = workdir / "config.yml"
+    path.write_text(json.dumps(config, indent=2))  # YAML is a superset of JSON
+    log = workdir / "registry.log"
+    with log.open("wb") as out:
+        proc = link.popen(
+            link.ns_b,
+            [servers.REGISTRY_BIN, "serve", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://{link.addr_b}:{REGISTRY_PORT}/v2/"
+    return _answering(link, proc, url, "docker-registry", log)
+
+
+def _answering(
+    link: LinkEmulator, proc: subprocess.Popen[bytes], url: str, what: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """``proc`` once ``url`` answers; stopped, and RunError with its log's tail, if not."""
     # Poll from inside namespace b (its own address goes over its loopback, not the link).
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        probe = link.run(
-            link.ns_b,
-            ["curl", "-s", "-o", "/dev/null", "-m", "1", f"http://{link.addr_b}:{PORT}/"],
-            check=False,
-        )
+        probe = link.run(link.ns_b, ["curl", "-s", "-o", "/dev/null", "-m", "1", url], check=False)
         if probe.returncode == 0:
             return proc
         if proc.poll() is not None:
             break
         time.sleep(0.05)  # a short back-off between probes
     _stop(proc)
-    log = err.read_text(errors="replace")[-600:] if err.exists() else "no log"
-    raise common.RunError(f"nginx in {link.ns_b} did not start: {log}")
+    tail = log.read_text(errors="replace")[-600:] if log.exists() else "no log"
+    raise common.RunError(f"{what} in {link.ns_b} did not start: {tail}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -280,6 +338,7 @@ class Sampler:
 @dataclass(frozen=True)
 class Windowed:
     returncode: int | None  # None: stopped at the window
+    started: float  # perf_counter() at the spawn
     wall_s: float  # to exit, or to the last sample before the stop
     received: int  # bytes the client's sockets received, summed (sampled)
     connections: int
@@ -320,6 +379,7 @@ def run_windowed(link: LinkEmulator, argv: list[str], window_s: float, cwd: Path
                 break
     return Windowed(
         code,
+        t0,
         wall,
         sampler.total,
         len(sampler.received),
@@ -329,6 +389,76 @@ def run_windowed(link: LinkEmulator, argv: list[str], window_s: float, cwd: Path
     )
 
 
+@dataclass(frozen=True)
+class Images:
+    """What ``docker pull`` fetches: a registry storage directory and one image per case."""
+
+    storage: Path
+    images: dict[str, BenchImage]  # case key → its one-layer image
+
+    def ref(self, host: str, case: str) -> str:
+        image = self.images[case]
+        return f"{host}:{REGISTRY_PORT}/{image.repo}:{image.tag}"
+
+
+def _push_images(work: Path, cases: list[Case]) -> Images:
+    """Each case's one-layer image (about the case's size, incompressible tar+gzip),
+    pushed once by a registry on loopback into ``work/registry/storage``."""
+    servers = common.load_servers()
+    for d in ("registry", "image"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    registry = servers.start_registry(work / "registry")
+    try:
+        images = {
+            c.key: common.push_bench_image(
+                registry.url, work, [c.size // MiB], SEED, repo=f"links/{c.key}", tag=IMAGE_TAG
+            )
+            for c in cases
+        }
+    finally:
+        registry.stop()
+    return Images(registry.storage, images)
+
+
+def _fetch_blob(
+    link: LinkEmulator,
+    tool: Tool,
+    url: str,
+    digest: str,
+    docroot: Path,
+    scratch: Path,
+    window_s: float,
+) -> tuple[Windowed, bool]:
+    """One blob tool against nginx in b; completed = exit 0 and the blob's digest."""
+    nginx = _start_nginx(link, docroot, scratch / "nginx")
+    try:
+        res = run_windowed(link, tool.argv(url, digest, scratch), window_s, scratch)
+    finally:
+        _stop(nginx)
+    out = scratch / "out.bin"
+    return res, res.returncode == 0 and out.is_file() and common.file_sha256(out) == digest
+
+
+def _pull_image(
+    link: LinkEmulator, tool: Tool, case: Case, images: Images, scratch: Path, window_s: float
+) -> tuple[Windowed, bool, dict[str, Any]]:
+    """``docker pull`` against a registry in b, by a fresh dockerd in a started before the
+    window; completed = exit 0 and the tag and manifest digest in dockerd's reference store."""
+    image = images.images[case.key]
+    ref = images.ref(link.addr_b, case.key)
+    registry = _start_registry(link, images.storage, scratch / "registry")
+    daemon = _dockerd_of(scratch, link)
+    try:
+        ready_s = daemon.start()
+        res = run_windowed(link, tool.argv(ref, image.manifest_digest, scratch), window_s, scratch)
+        done = res.returncode == 0 and daemon.has_image(ref, image.manifest_digest)
+        tmp = daemon.leftovers()
+    finally:
+        daemon.remove()
+        _stop(registry)
+    return res, done, {"dockerd_ready_s": ready_s, "dockerd_tmp_bytes": tmp["tmp_bytes"]}
+
+
 def one_run(
     case: Case,
     cc: str,
@@ -336,20 +466,23 @@ def one_run(
     seed: int,
     docroot: Path,
     digest: str,
+    images: Images | None,
     scratch: Path,
     window_s: float,
 ) -> dict[str, Any]:
     common.fresh_dir(scratch)
+    extra: dict[str, Any] = {}
     with LinkEmulator(case.profile, seed, server_cc=cc) as link:
-        nginx = _start_nginx(link, docroot, scratch / "nginx")
-        try:
+        t_link = time.perf_counter()
+        if tool.pulls_image:
+            assert images is not None, "the images are pushed when a tool pulls them"
+            res, done, extra = _pull_image(link, tool, case, images, scratch, window_s)
+            payload = sum(size for _, size in images.images[case.key].layers)
+        else:
             url = f"http://{link.addr_b}:{PORT}/{case.key}.bin"
-            res = run_windowed(link, tool.argv(url, digest, scratch), window_s, scratch)
-        finally:
-            _stop(nginx)
-    out = scratch / "out.bin"
-    done = res.returncode == 0 and out.is_file() and common.file_sha256(out) == digest
-    goodput = (case.size if done else res.received) * 8 / 1e6 / res.wall_s
+            res, done = _fetch_blob(link, tool, url, digest, docroot, scratch, window_s)
+            payload = case.size
+    goodput = (payload if done else res.received) * 8 / 1e6 / res.wall_s
     down = link.stats.get("down", {})
     return {
         "seed": seed,
@@ -359,7 +492,9 @@ def one_run(
         "completed": done,
         "stopped_at_window": res.returncode is None,
         "returncode": res.returncode,
+        "start_offset_s": res.started - t_link,
         "wall_s": res.wall_s,
+        "payload_bytes": payload,
         "received_bytes": res.received,
         "goodput_mbit_s": goodput,
         "ratio_to_rate": goodput / case.rate_mbit,
@@ -370,6 +505,7 @@ def one_run(
         "link_stats": link.stats,
         "tool_stats": common.json_stats(res.stdout),
         "stderr_tail": "" if done or res.returncode is None else res.stderr_tail,
+        **extra,
     }
 
 
@@ -382,13 +518,16 @@ def measure(
     work = common.WORK / NAME
     docroot = work / "docroot"
     digests = {c.key: common.random_blob(docroot / f"{c.key}.bin", c.size, SEED) for c in cases}
-    removed = linkemu.remove_stale_namespaces()
+    removed = linkemu.remove_stale_namespaces()  # only those whose process is dead
     if removed:
         print(f"removed stale namespaces: {removed}", flush=True)
+    scratch = work / "scratch"
+    # A dockerd of ours left by a SIGKILLed run (it outlives its namespace): kill it first.
+    _dockerd_of(scratch).kill()
+    images = _push_images(work, cases) if any(t.pulls_image for t in tools) else None
     runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
         c.key: {cc: {t.key: [] for t in tools} for cc in ccs} for c in cases
     }
-    scratch = work / "scratch"
     log = work / "rows.jsonl"  # every row as it is measured, should the run be cut short
     log.unlink(missing_ok=True)
     t_start = time.monotonic()
@@ -397,7 +536,15 @@ def measure(
             for cc in common.rotated(ccs, r):
                 for tool in common.rotated(tools, r):
                     row = one_run(
-                        case, cc, tool, SEED + r, docroot, digests[case.key], scratch, window_s
+                        case,
+                        cc,
+                        tool,
+                        SEED + r,
+                        docroot,
+                        digests[case.key],
+                        images,
+                        scratch,
+                        window_s,
                     )
                     runs[case.key][cc][tool.key].append(row)
                     with log.open("a") as f:
@@ -412,11 +559,28 @@ def measure(
                         flush=True,
                     )
     common.fresh_dir(scratch)
-    return {"digests": digests, "runs": runs, "elapsed_s": time.monotonic() - t_start}
+    pushed = (
+        {
+            k: {"manifest": im.manifest_digest, "layers": im.layers, "ref": images.ref("ADDR_B", k)}
+            for k, im in images.images.items()
+        }
+        if images is not None
+        else {}
+    )
+    return {
+        "digests": digests,
+        "images": pushed,
+        "runs": runs,
+        "elapsed_s": time.monotonic() - t_start,
+    }
 
 
 def _state(row: dict[str, Any]) -> str:
     return "done" if row["completed"] else "WIN " if row["stopped_at_window"] else "FAIL"
+
+
+def _span(xs: list[float]) -> str:
+    return f"{min(xs):.2f}–{max(xs):.2f}" if xs else "–"
 
 
 def _mark(row: dict[str, Any]) -> str:
@@ -502,7 +666,14 @@ def summarise(
             for key, rows in measured["runs"][case.key][cc].items():
                 m = common.outcome_medians(
                     rows,
-                    ["wall_s", "goodput_mbit_s", "ratio_to_rate", "connections", "dropped_down"],
+                    [
+                        "wall_s",
+                        "goodput_mbit_s",
+                        "ratio_to_rate",
+                        "connections",
+                        "dropped_down",
+                        "start_offset_s",
+                    ],
                 )
                 m["stopped_at_window"] = sum(1 for x in rows if x["stopped_at_window"])
                 m["server_cc_seen"] = sorted({c for x in rows for c in x["server_cc_seen"]})
@@ -517,12 +688,18 @@ def summarise(
         }
         - {None}
     )
+    versions = common.peer_versions()
+    if measured["images"]:
+        versions |= {
+            **dockerd_versions(),
+            "docker-registry": common.more_versions()["docker-registry"],
+        }
     return {
         "benchmark": NAME,
         "ran": True,
         "date": common.now_utc(),
         "machine": common.machine(),
-        "versions": common.peer_versions(),
+        "versions": versions,
         "root_tcp_cc": _tcp_cc(),
         "available_cc": linkemu.available_congestion_control(),
         "server_cc_via": via,
@@ -541,6 +718,7 @@ def summarise(
                 "up_fraction": c.up_fraction,
                 "digest": measured["digests"][c.key],
                 "profile": dataclasses.asdict(c.profile),
+                **({"image": measured["images"][c.key]} if measured["images"] else {}),
             }
             for c in cases
         },
@@ -557,7 +735,12 @@ def summarise(
             f"bytes_received, every connection of the run, sampled every {SAMPLE_S:g} s, "
             "the last at the window's end) / the time of that last sample. Ratio = "
             "goodput / the profile's nominal down rate (an IP-packet rate: TCP headers "
-            f"alone cap the ratio at {HEADER_CEILING:.3f}, outages lower it further)"
+            f"alone cap the ratio at {HEADER_CEILING:.3f}, outages lower it further). "
+            "docker pull: a fresh docker-registry (not nginx) in b on the one-layer image "
+            "pushed once per case, and a fresh dockerd (vfs, empty data root, "
+            f"--max-download-attempts {ATTEMPTS}) in a, whose start (until `docker version` "
+            "answers) is outside the window; completed = exit 0 and the tag and manifest "
+            "digest in dockerd's reference store, goodput = layer bytes / wall"
         ),
         "medians": med,
         "goals": _goals(med, tools),
@@ -586,7 +769,8 @@ def render(data: dict[str, Any]) -> str:
         f"the whole run took {data['elapsed_s'] / 60:.1f} min.\n",
         common.machine_line(data["machine"]),
         f"- **Versions:** resumer {ver['resumer']} (commit {ver['resumer_commit']}); "
-        f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; {ver['nginx']}.",
+        f"{ver['curl'].split(' (')[0]}; {ver['aria2c']}; {ver['nginx']}"
+        + (f"; dockerd: {ver['dockerd']}; {ver['docker-registry']}." if "dockerd" in ver else "."),
         f"- **Server congestion control:** {' and '.join(c.upper() for c in ccs)}, one pass "
         f"each, set in namespace b only (via: {', '.join(data['server_cc_via'])}: the "
         "kernel refuses `sysctl net.ipv4.tcp_congestion_control=cubic` outside the root "
@@ -610,8 +794,43 @@ def render(data: dict[str, Any]) -> str:
         "up).",
         f"- **Method:** {data['method']}.",
         "- **Retries:** resumer 11 attempts, linear 1 s step; curl 1 + 10 retries, 1 s, "
-        "from byte 0; aria2c 11 tries, 1 s, resumes.",
+        "from byte 0; aria2c 11 tries, 1 s, resumes"
+        + (
+            "; dockerd `--max-download-attempts 11` per layer, on its own back-off (not "
+            "settable), resuming with Range within the pull."
+            if "docker" in data["tools"]
+            else "."
+        ),
     ]
+    if "docker" in data["tools"]:
+        offsets = [
+            x["start_offset_s"]
+            for c in data["runs"].values()
+            for cc in c.values()
+            for x in cc["docker"]
+        ]
+        others = [
+            x["start_offset_s"]
+            for c in data["runs"].values()
+            for cc in c.values()
+            for t, rs in cc.items()
+            if t != "docker"
+            for x in rs
+        ]
+        out.append(
+            "- **docker pull:** a fresh `docker-registry serve` in namespace b (instead of "
+            "nginx) on a one-layer image pushed once per case (a real tar+gzip of "
+            "incompressible bytes; layer sizes under Profiles), and a fresh dockerd 20.10 in "
+            "namespace a (`nsenter --net`; vfs, empty data root, `--insecure-registry "
+            "10.213.0.2/32`), stopped and removed after each run. The window starts once "
+            "`docker version` answers, so the pull starts later on the link's clock than the "
+            f"other tools (link start to spawn: {_span(offsets)} s for docker against "
+            f"{_span(others)} s for the others), at another point of the outage cycle. "
+            "`ss` in namespace a counts dockerd's connections (the daemon downloads, not "
+            "the client). Completed = exit 0 and dockerd's reference store naming the tag "
+            "and the manifest digest; goodput = layer bytes / wall; dockerd tries HTTPS "
+            "before plain HTTP (one more round trip)."
+        )
     for key, reason in data["tools_not_run"].items():
         out.append(f"- **Not run:** `{key}`: {reason}.")
     out.append("")
@@ -656,7 +875,16 @@ def render(data: dict[str, Any]) -> str:
     out.append(common.markdown_table(header, rows))
 
     out.append("## Profiles\n")
-    out += [f"- **{k}**: {c['note']}; blob {c['size']} bytes." for k, c in data["cases"].items()]
+    out += [
+        f"- **{k}**: {c['note']}; blob {c['size']} bytes"
+        + (
+            f"; image layer {sum(s for _, s in c['image']['layers'])} bytes "
+            f"(manifest {c['image']['manifest'][:19]}…)."
+            if "image" in c
+            else "."
+        )
+        for k, c in data["cases"].items()
+    ]
     out.append("\n## Every run (goodput Mbit/s; ✓ completed, ◷ stopped at the window, ✗ failed)\n")
     per = []
     for key in data["cases"]:

@@ -15,6 +15,10 @@ and removes it on exit. ``daemon_config`` is written as its ``--config-file`` (e
 ``{"registry-mirrors": ["http://127.0.0.1:5000"]}``), and ``env`` adds to its environment
 (e.g. a dead ``HTTPS_PROXY``, so a pull that bypasses the mirror fails instead of going out).
 
+``extra_args`` go after those flags (another ``--insecure-registry``, say) and ``prefix``
+before ``dockerd`` (``nsenter --net=/run/netns/NS --``: the daemon in a network namespace,
+reached by the client through its socket's path all the same).
+
 The client is Debian's ``/usr/bin/docker`` (the same 20.10), named by path: another
 ``docker`` may come first on PATH. Nothing here imports resumer.
 """
@@ -106,6 +110,8 @@ class Dockerd:
         log: Path | None = None,
         daemon_config: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.base = base
         self.data_root = base / "data"
@@ -119,6 +125,8 @@ class Dockerd:
         self.config_file = base / "daemon.json"
         self.daemon_config = dict(daemon_config or {})
         self.env = dict(env or {})
+        self.prefix = list(prefix)  # the daemon's argv goes after it (e.g. nsenter --net=…)
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s: list[float] = []  # each start's time to answer `docker version`
         self.kills = 0
@@ -154,7 +162,7 @@ class Dockerd:
         ]
         if self.max_concurrent_downloads is not None:
             out += ["--max-concurrent-downloads", str(self.max_concurrent_downloads)]
-        return out
+        return [*out, *self.extra_args]
 
     def docker(self, *args: str) -> list[str]:
         """The client's argv against this daemon's socket."""
@@ -182,10 +190,11 @@ class Dockerd:
         self.config_file.write_text(json.dumps(self.daemon_config, indent=2) + "\n")
         self.sock.unlink(missing_ok=True)
         with self.log.open("ab") as out:
-            out.write(f"--- start: {' '.join(self.argv())}\n".encode())
+            argv = [*self.prefix, *self.argv()]
+            out.write(f"--- start: {' '.join(argv)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                self.argv(),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
