@@ -978,7 +978,7 @@ def plot(data: dict[str, Any]) -> Path:
         f"≤ {data['window_s']:g} s per run ({data['date'][:10]})"
     )
     fig.tight_layout()
-    path = common.RESULTS / f"{NAME}.png"
+    path = common.RESULTS / f"{data.get('results_name', NAME)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1018,6 +1018,12 @@ def main(argv: list[str]) -> int:
         help="only this profile (repeatable; default: all)",
     )
     p.add_argument("--cc", choices=CCS, action="append", help="only this server cc (repeatable)")
+    p.add_argument(
+        "--tool",
+        choices=[t.key for t in TOOLS],
+        action="append",
+        help="only this tool (repeatable; default: all); results go to links_TOOL….md",
+    )
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.window <= 0:
@@ -1031,6 +1037,10 @@ def main(argv: list[str]) -> int:
     cases = [c for c in CASES if args.profile is None or c.key in args.profile]
     ccs = [c for c in CCS if args.cc is None or c in args.cc]
     tools, skipped = active_tools()
+    if args.tool:
+        tools = [t for t in tools if t.key in args.tool]
+    # A run of some tools only is not the side-by-side table: it gets a file of its own.
+    name = NAME if not args.tool else "_".join([NAME, *sorted(args.tool)])
     bound = args.rounds * len(cases) * len(ccs) * len(tools) * (args.window + 2)
     print(
         f"links: {len(cases)} profiles × {len(ccs)} cc × {len(tools)} tools × {args.rounds} "
@@ -1039,4 +1049,5 @@ def main(argv: list[str]) -> int:
     )
     measured = measure(args.rounds, cases, ccs, tools, args.window)
     data = summarise(args.rounds, cases, ccs, tools, skipped, args.window, measured)
-    return common.finish(NAME, render(data), data, plot, no_write=args.no_write)
+    data["results_name"] = name
+    return common.finish(name, render(data), data, plot, no_write=args.no_write)
