@@ -184,7 +184,11 @@ async def attempt(
         out = Outcome(host=endpoint.host or urlsplit(endpoint.url).netloc)
     out.host = out.host or endpoint.host or urlsplit(endpoint.url).netloc
     out.start_offset = sink.offset
-    if connections > 1 and isinstance(sink, SegmentedSink):
+    if (
+        connections > 1
+        and isinstance(sink, SegmentedSink)
+        and segments.may_split(sink.size if sink.size is not None else size, min_segment)
+    ):
         token = _LIMITER.set(limiter)  # every connection's task copies the context
         try:
             await _parallel(

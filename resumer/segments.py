@@ -146,6 +146,12 @@ def _remaining(seg: Segment) -> int:
 Request = Callable[[Segment, Plan], Awaitable[int | None]]
 
 
+def may_split(size: int | None, min_segment: int) -> bool:
+    """Could a blob of ``size`` ever go over more than one connection? Not below two
+    segments: such a blob takes the one-connection path, a plain GET as Docker's."""
+    return size is None or size >= 2 * min_segment
+
+
 async def run(
     partial: Partial,
     *,
@@ -205,7 +211,7 @@ async def run(
 
     tasks = [asyncio.create_task(connection(True), name=f"segment 1 {partial.key}")]
     size = partial.size
-    if connections > 1 and (size is None or size >= 2 * min_segment):
+    if connections > 1 and may_split(size, min_segment):
         tasks += [
             asyncio.create_task(extra(), name=f"segment {i + 2} {partial.key}")
             for i in range(connections - 1)
