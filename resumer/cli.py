@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="drop a client that takes longer to send its request, or idles (default 15)",
     )
+    sv.add_argument(
+        "--allow-upstream",
+        action="append",
+        metavar="REGISTRY",
+        help="a registry clients may name with ?ns= (repeatable; --upstream is always "
+        "allowed); without it any: give it when the mirror listens beyond loopback",
+    )
     _common(sv)
 
     _add_demo_parser(sub)
@@ -565,6 +572,7 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
             upstream=args.upstream,
             max_clients=args.max_clients,
             header_timeout=args.header_timeout,
+            allowed_upstreams=tuple(args.allow_upstream or ()),
         ),
         on_ready=ready,
         on_wait=_say,

@@ -328,3 +328,17 @@ def test_no_accepted_name_or_reference_builds_a_path_outside_the_root(text: str,
             assert joined.startswith(str(root / "x") + "/")
         if target.kind is names.Kind.BLOBS:
             assert names.is_digest(target.reference)
+
+
+async def test_an_allow_list_bounds_the_registries_ns_may_name(tmp_path: Path) -> None:
+    """With --allow-upstream, ?ns= naming any other host is refused before a byte goes
+    out (a LAN mirror must not fetch from whatever internal host a client names)."""
+    settings = MirrorSettings(upstream="127.0.0.1:9", allowed_upstreams=("registry.example",))
+    async with mirror_in_process(tmp_path / "r", "127.0.0.1:9", settings=settings) as m:
+        status, body = await raw(m, get("/v2/lab/app/manifests/v1?ns=10.0.0.7:8080"))
+        assert (status, code(body)) == (403, "DENIED")
+        # The listed one and the default upstream pass the check (and then find nothing
+        # there: port 9 is closed, and no manifest is cached).
+        for ns in ("registry.example", "127.0.0.1:9"):
+            status, body = await raw(m, get(f"/v2/lab/app/manifests/v1?ns={ns}"))
+            assert status != 403, (ns, body)

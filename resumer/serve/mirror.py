@@ -29,7 +29,13 @@ from typing import Any
 from aiohttp import web
 
 from ..engine import Engine
-from ..errors import AccessDeniedError, NotFoundError, ReferenceError_, ResumerError
+from ..errors import (
+    AccessDeniedError,
+    NotFoundError,
+    ReferenceError_,
+    ResumerError,
+    UsageError,
+)
 from ..registry import Reference, parse_reference
 from ..retry import fails_for_good
 from ..transfer import BlobResult
@@ -69,6 +75,10 @@ class MirrorSettings:
     max_header_bytes: int = 8190
     #: how long a manifest request upstream may take before the cached one is served
     upstream_timeout: float = 10.0
+    #: the registries a request may name with ``?ns=`` (with the default upstream); empty:
+    #: any. A mirror reachable from a LAN would otherwise fetch from any host a client
+    #: names, internal ones included.
+    allowed_upstreams: tuple[str, ...] = ()
 
 
 def server_options(settings: MirrorSettings) -> dict[str, Any]:
@@ -109,6 +119,7 @@ class Mirror:
         #: threads that sendfile committed blobs: one per client in flight at most, so
         #: long sends never starve the default executor the store's work runs on
         self.senders = ThreadPoolExecutor(settings.max_clients, "resumer-sendfile")
+        self._allowed = _allowed_registries(settings)
 
     # ---- routing ------------------------------------------------------------------------
 
@@ -136,9 +147,12 @@ class Mirror:
         registry = ns or self.settings.upstream
         suffix = f"@{target.reference}" if target.digest else f":{target.reference}"
         try:
-            return parse_reference(f"{registry}/{target.name}{suffix}")
+            ref = parse_reference(f"{registry}/{target.name}{suffix}")
         except ReferenceError_ as exc:
             raise BadRequest(400, "NAME_INVALID", str(exc)) from None
+        if self._allowed is not None and ref.registry not in self._allowed:
+            raise BadRequest(403, "DENIED", f"ns {ref.registry!r} is not a mirrored registry")
+        return ref
 
     # ---- manifests ----------------------------------------------------------------------
 
@@ -337,3 +351,17 @@ def mirror_app(engine: Engine, settings: MirrorSettings) -> web.Application:
     app.on_shutdown.append(mirror.close)
     app.on_cleanup.append(mirror.closed)
     return app
+
+
+def _allowed_registries(settings: MirrorSettings) -> frozenset[str] | None:
+    """The registries ``?ns=`` may name, as parsed references spell them (``docker.io``
+    for its aliases), the default upstream among them; None: any."""
+    if not settings.allowed_upstreams:
+        return None
+    allowed = set()
+    for name in (*settings.allowed_upstreams, settings.upstream):
+        try:
+            allowed.add(parse_reference(f"{name}/probe").registry)
+        except ReferenceError_ as exc:
+            raise UsageError(f"--allow-upstream {name!r}: not a registry name ({exc})") from None
+    return frozenset(allowed)
