@@ -373,3 +373,24 @@ async def test_committed_blobs_honour_range_head_and_clients_leaving_mid_send(
             resp.close()
         async with http.get(url) as r:
             assert await r.read() == data
+
+
+async def test_a_tag_moved_upstream_is_served_with_its_new_digest(
+    registry: Registry, pushed_image: PushImage, tmp_path: Path
+) -> None:
+    """A tag is revalidated while the upstream answers: after a push moves it, the mirror
+    serves the new manifest, not the one it cached (and still has the old by digest)."""
+    old = one_layer(tmp_path / "a", seed=26, size=MiB)
+    new = one_layer(tmp_path / "b", seed=27, size=MiB)
+    await asyncio.to_thread(pushed_image, repo="lab/moving", tag="v1", image=old)
+    async with (
+        mirror_in_process(tmp_path / "root", registry.host) as m,
+        aiohttp.ClientSession() as http,
+    ):
+        first = await pull_all(http, m.url, "lab/moving", "v1")
+        await asyncio.to_thread(pushed_image, repo="lab/moving", tag="v1", image=new)
+        second = await pull_all(http, m.url, "lab/moving", "v1")
+        assert first != second
+        assert second == "sha256:" + hashlib.sha256(new.manifest).hexdigest()
+        status, _, _ = await get_manifest(http, m.url, "lab/moving", first)
+        assert status == 200
