@@ -333,8 +333,13 @@ class Dockerd:
         """What the data root holds besides images: the files of abandoned downloads in
         ``tmp/`` (a killed pull's ``GetImageBlob*``), their count and bytes."""
         tmp = self.data_root / "tmp"
-        files = [p for p in tmp.glob("GetImageBlob*") if p.is_file()] if tmp.is_dir() else []
-        return {"tmp_files": len(files), "tmp_bytes": sum(p.stat().st_size for p in files)}
+        sizes = []
+        for p in tmp.glob("GetImageBlob*") if tmp.is_dir() else []:
+            try:
+                sizes.append(p.stat().st_size)
+            except FileNotFoundError:
+                continue  # a running daemon removed it meanwhile (its download ended)
+        return {"tmp_files": len(sizes), "tmp_bytes": sum(sizes)}
 
     def __enter__(self) -> Dockerd:
         return self
