@@ -275,6 +275,15 @@ def _ratios(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{x['wire_ratio']:.3f}{'' if x['completed'] else '✗'}" for x in rows)
 
 
+def _why(row: dict[str, Any]) -> str:
+    """A failed run's last error line (dockerd's ``level=error``, a client's ``Error``),
+    else its last line."""
+    tail = row.get("stderr_tail") or row.get("log_tail") or ""
+    lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "level=error" in ln or "Error" in ln]
+    return (errors or lines or [""])[-1]
+
+
 def render(data: dict[str, Any]) -> str:
     m, ver = data["machine"], data["versions"]
     imgs = "; ".join(
@@ -324,7 +333,7 @@ def render(data: dict[str, Any]) -> str:
                 "schedule",
                 "variant",
                 "completed",
-                f"median lives (cap {data['max_restarts'] + 1})",
+                f"median lives (kill schedules: cap {data['max_restarts'] + 1})",
                 "median wall (s)",
                 "median wire / image",
                 "max wire / image",
@@ -339,10 +348,8 @@ def render(data: dict[str, Any]) -> str:
     for sched, text in data["schedules"].items():
         for key, label in data["variants"].items():
             for x in data["runs"][sched][key]:
-                tail = x.get("stderr_tail") or x.get("log_tail") or ""
-                last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:]
-                if not x["completed"] and last:
-                    fails.append((text, label, last[0]))
+                if not x["completed"] and (line := _why(x)):
+                    fails.append((text, label, line))
     if fails:
         out.append("## Why runs did not complete (last log line, first of each kind)\n")
         seen: set[tuple[str, str]] = set()
