@@ -344,6 +344,46 @@ def render(data: dict[str, Any]) -> str:
             rows,
         )
     )
+    starts = []
+    for sched, text in data["schedules"].items():
+        for key, label in data["variants"].items():
+            notes = [x["dockerd"] for x in data["runs"][sched][key] if "dockerd" in x]
+            if not notes:
+                continue  # (a): one pull, no lives
+            ready = [t for n in notes for t in n.get("ready_s", [])]
+            starts.append(
+                [
+                    text,
+                    label,
+                    sum(x["lives"] for x in data["runs"][sched][key]),
+                    "–" if not ready else f"{common.median(ready):.2f}",
+                    "–" if not ready else f"{max(ready):.2f}",
+                    sum(n.get("not_ready", 0) for n in notes),
+                    sum(n.get("companion_not_ready", 0) for n in notes),
+                ]
+            )
+    if starts:
+        out.append("## Lives that never reached the pull\n")
+        out.append(
+            "A life's T starts with dockerd (and in (c) with the mirror, spawned just before "
+            "it); `docker pull` starts once the daemon answers `docker version` and, in (c), "
+            'the mirror has printed its "Serving on" line. A life in which either did not '
+            "happen before T is killed without a pull.\n"
+        )
+        out.append(
+            common.markdown_table(
+                [
+                    "schedule",
+                    "variant",
+                    "lives (all runs)",
+                    "median dockerd start (s)",
+                    "max dockerd start (s)",
+                    "lives dockerd did not answer before T",
+                    "lives the mirror did not serve before T",
+                ],
+                starts,
+            )
+        )
     fails = []
     for sched, text in data["schedules"].items():
         for key, label in data["variants"].items():
