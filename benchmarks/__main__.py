@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "links": "benchmarks.links",
     "tear": "benchmarks.tear",
     "serve": "benchmarks.serve",
+    "mirror": "benchmarks.mirror",
     # last: gathers the reports above into results/SUMMARY.md
     "summary": "benchmarks.summary",
 }

@@ -98,8 +98,16 @@ def now_utc() -> str:
 
 def load_servers() -> ModuleType:
     """``tests/servers.py`` imported by path: tests/ is not a package and we must not edit it."""
-    path = REPO / "tests" / "servers.py"
-    spec = importlib.util.spec_from_file_location("resumer_test_servers", path)
+    return load_tests_module("servers")
+
+
+def load_tests_module(stem: str) -> ModuleType:
+    """``tests/STEM.py`` imported by path (as ``resumer_test_STEM``), once."""
+    name = f"resumer_test_{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = REPO / "tests" / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     # dataclasses look the module up in sys.modules while building the classes.

@@ -26,7 +26,7 @@ Tools, each with ~10 retries and a 1 s retry step where it can be set:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,18 +135,27 @@ def _completed(tool: Tool, ctx: Ctx, code: int | None) -> bool:
     return out.is_file() and common.file_sha256(out) == ctx.image.largest[0]
 
 
-def measure(rounds: int, schedules: list[str]) -> dict[str, Any]:
+def measure(
+    rounds: int,
+    schedules: list[str],
+    *,
+    tools: Sequence[Tool] = TOOLS,
+    name: str = NAME,
+    repo: str = "bench/img",
+) -> dict[str, Any]:
+    """Every tool through every schedule, ``rounds`` runs each (``tools``, ``name`` and
+    ``repo``: another benchmark's tools on this one's schedules, its own work directory)."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        s: {t.key: [] for t in TOOLS} for s in schedules
+        s: {t.key: [] for t in tools} for s in schedules
     }
     load0 = os.getloadavg()
-    with image_bench.registry_with_image(NAME, LAYERS_MIB, SEED) as lab:
+    with image_bench.registry_with_image(name, LAYERS_MIB, SEED, repo) as lab:
         image = lab.image
         for sched in schedules:
             span, _ = SCHEDULES[sched]
             for r in range(rounds):
                 seed = SEED + r  # the same schedule for every tool in run r
-                for tool in common.rotated(TOOLS, r):
+                for tool in common.rotated(tools, r):
                     with (
                         lab.proxied(seed, cut_after=span, rate=RATE) as (ctx, counters),
                         tool.session(ctx) if tool.session else nullcontext(),

@@ -99,8 +99,11 @@ class Lab:
 
 
 @contextmanager
-def registry_with_image(name: str, layers_mib: Sequence[int], seed: int) -> Iterator[Lab]:
-    """The registry under ``WORK/name`` with the seeded image pushed; stopped on exit.
+def registry_with_image(
+    name: str, layers_mib: Sequence[int], seed: int, repo: str = "bench/img"
+) -> Iterator[Lab]:
+    """The registry under ``WORK/name`` with the seeded image pushed as ``repo:v1``; stopped
+    on exit (``repo`` ``library/…``: a name dockerd sends to its ``registry-mirrors``).
 
     The scratch directory is removed when the block ends normally.
     """
@@ -108,7 +111,7 @@ def registry_with_image(name: str, layers_mib: Sequence[int], seed: int) -> Iter
     work = common.WORK / name
     registry = servers.start_registry(work / "registry")
     try:
-        image = common.push_bench_image(registry.url, work, layers_mib, seed)
+        image = common.push_bench_image(registry.url, work, layers_mib, seed, repo)
         lab = Lab(registry.port, image, work / "scratch")
         yield lab
         shutil.rmtree(lab.scratch, ignore_errors=True)

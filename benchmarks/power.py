@@ -74,10 +74,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from resumer.lab.dockerd import Dockerd, DockerdError
 from resumer.lab.dockerd import versions as dockerd_versions
@@ -113,6 +114,8 @@ class Tool:
     again: Callable[[Ctx], list[str]]
     life: Life | None = None  # None: one process group, run ``first``/``again``
     done: Callable[[Ctx], bool] = image_bench.pulled
+    #: around all lives of a run: what the tool talks to (e.g. a mirror), started untimed
+    session: Callable[[Ctx], AbstractContextManager[Any]] | None = None
 
 
 def _pull(c: Ctx) -> list[str]:
@@ -313,16 +316,43 @@ def _dockerd_pull(c: Ctx) -> list[str]:
     return _dockerd_of(c).pull_argv(c.ref)
 
 
-def _dockerd_life(c: Ctx, life: int, period: float, log: Path) -> int | None:
+class Companion(Protocol):
+    """A process that lives and dies with dockerd (e.g. the mirror it pulls through, which
+    a power cut kills too): ``spawn`` returns at once, ``wait_ready`` polls until a
+    ``perf_counter`` deadline, ``kill`` is a SIGKILL."""
+
+    def spawn(self) -> None: ...
+    def wait_ready(self, deadline: float) -> bool: ...
+    def kill(self) -> None: ...
+
+
+def _dockerd_life(
+    c: Ctx,
+    life: int,
+    period: float,
+    log: Path,
+    *,
+    dockerd: Callable[[Ctx], Dockerd] = _dockerd_of,
+    ref: str | None = None,
+    companion: Companion | None = None,
+) -> int | None:
     """Start dockerd (exec root cleared, as /run after a reboot) on the run's data root and
     ``docker pull``; SIGKILL both ``period`` s after the daemon's start. Returns the client's
-    exit code, or None when the kill came first."""
-    d = _dockerd_of(c)
+    exit code, or None when the kill came first.
+
+    ``dockerd`` and ``ref``: another daemon configuration (e.g. one with a mirror) and the
+    name it pulls; ``companion`` is started with the daemon (in the same T), must be ready
+    before the pull, and is SIGKILLed with it."""
+    d = dockerd(c)
     d.log = log
-    notes = _DOCKERD_NOTES.setdefault(c.scratch, {"ready_s": [], "not_ready": 0})
+    notes = _DOCKERD_NOTES.setdefault(
+        c.scratch, {"ready_s": [], "not_ready": 0, "companion_not_ready": 0}
+    )
     deadline = time.perf_counter() + period
     with log.open("ab") as out:
         out.write(f"--- life {life}: dockerd + docker pull, T = {period:.3f} s\n".encode())
+    if companion is not None:
+        companion.spawn()
     d.spawn()
     try:
         try:
@@ -335,9 +365,12 @@ def _dockerd_life(c: Ctx, life: int, period: float, log: Path) -> int | None:
             notes["not_ready"] += 1
             return None
         notes["ready_s"].append(d.ready_s[-1])
+        if companion is not None and not companion.wait_ready(deadline):
+            notes["companion_not_ready"] += 1
+            return None
         with log.open("ab") as out:
             client = subprocess.Popen(
-                d.pull_argv(c.ref),
+                d.pull_argv(ref or c.ref),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -351,6 +384,8 @@ def _dockerd_life(c: Ctx, life: int, period: float, log: Path) -> int | None:
                 _kill_group(client)
     finally:
         d.kill()  # SIGKILL, also after a clean pull: the next run starts its own daemon
+        if companion is not None:
+            companion.kill()
         notes["leftovers"] = d.leftovers()
 
 
@@ -490,23 +525,35 @@ def _quiet(text: str) -> str:
     return "\n".join(keep)
 
 
-def measure(scenarios: list[Scenario], max_restarts: int) -> dict[str, Any]:
+def measure(
+    scenarios: list[Scenario],
+    max_restarts: int,
+    *,
+    by_key: Mapping[str, Tool] = BY_KEY,
+    name: str = NAME,
+    repo: str = "bench/img",
+) -> dict[str, Any]:
+    """Every scenario's tools, ``rounds`` runs each (``by_key``, ``name`` and ``repo``:
+    another benchmark's tools on these schedules, in its own work directory)."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         s.label: {key: [] for key in s.tools} for s in scenarios
     }
-    with image_bench.registry_with_image(NAME, LAYERS_MIB, SEED) as lab:
+    with image_bench.registry_with_image(name, LAYERS_MIB, SEED, repo) as lab:
         image = lab.image
         for s in scenarios:
-            tools = [BY_KEY[k] for k in s.tools]
+            tools = [by_key[k] for k in s.tools]
             for r in range(s.rounds):
                 for tool in common.rotated(tools, r):
-                    with lab.proxied(SEED + r, rate=s.rate) as (ctx, counters):
+                    with (
+                        lab.proxied(SEED + r, rate=s.rate) as (ctx, counters),
+                        tool.session(ctx) if tool.session else nullcontext(),
+                    ):
                         row = run_with_kills(tool, ctx, s.periods(SEED + r), max_restarts)
                     row["wire_bytes"] = counters.get("bytes_down", 0)
                     row["wire_ratio"] = row["wire_bytes"] / image.payload
                     row["connections"] = counters.get("connections", 0)
-                    if tool.key == "dockerd":
-                        row["dockerd"] = _DOCKERD_NOTES.pop(ctx.scratch, {})
+                    if ctx.scratch in _DOCKERD_NOTES:  # a dockerd life ran
+                        row["dockerd"] = _DOCKERD_NOTES.pop(ctx.scratch)
                     runs[s.label][tool.key].append(row)
                     print(
                         f"T={s.label} round {r + 1}/{s.rounds} {tool.key:15s} "

@@ -223,6 +223,7 @@ class ResumerServe:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.lives = 0
+        self._log_start = 0  # where this life's lines begin in the log
 
     def argv(self) -> list[str]:
         # RESUMER_TEST_SERVE runs another build of resumer (e.g. "/path/.venv/bin/python -m
@@ -247,10 +248,16 @@ class ResumerServe:
         return f"http://{self.host}"
 
     def start(self) -> ResumerServe:
+        self.spawn()
+        self.wait_ready()
+        return self
+
+    def spawn(self) -> None:
+        """Start the process and return at once (``wait_ready`` reads its log)."""
         if self.proc is not None and self.proc.poll() is None:
             raise EngineError("resumer serve is already running")
         self.root.mkdir(parents=True, exist_ok=True)
-        start = self.log.stat().st_size if self.log.exists() else 0
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             out.write(f"--- life {self.lives}: {' '.join(self.argv())}\n".encode())
             out.flush()
@@ -262,22 +269,30 @@ class ResumerServe:
                 start_new_session=True,
             )
         self.lives += 1
+
+    def _serving(self) -> re.Match[str] | None:
+        """The "Serving on" line this life wrote, if it has (EngineError if it exited)."""
         proc = self.proc
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise EngineError(f"resumer serve exited {proc.returncode}:\n{_tail(self.log)}")
-            with self.log.open("rb") as f:
-                f.seek(start)
-                return _SERVING.search(f.read().decode(errors="replace")) is not None
-
-        wait_until(ready, timeout=READY_S, what="resumer serve ready", log=self.log_tail)
+        assert proc is not None, "spawn() first"
+        if proc.poll() is not None:
+            raise EngineError(f"resumer serve exited {proc.returncode}:\n{_tail(self.log)}")
         with self.log.open("rb") as f:
-            f.seek(start)
-            found = _SERVING.search(f.read().decode(errors="replace"))
-        assert found is not None
+            f.seek(self._log_start)
+            return _SERVING.search(f.read().decode(errors="replace"))
+
+    def wait_ready(self, deadline: float | None = None) -> bool:
+        """Poll until it serves; False at ``deadline`` (``time.perf_counter`` time). Without
+        one, EngineError after ``READY_S``; EngineError too if the process exits."""
+        if deadline is None:
+            wait_until(
+                self._serving, timeout=READY_S, what="resumer serve ready", log=self.log_tail
+            )
+        while (found := self._serving()) is None:
+            if deadline is not None and time.perf_counter() >= deadline:
+                return False
+            time.sleep(POLL_S)  # a probe interval: the log line has no event to wait on
         self.port = int(found.group(1).rsplit(":", 1)[1])
-        return self
+        return True
 
     def kill(self) -> None:
         """SIGKILL, as a power cut or the OOM killer would."""
