@@ -10,9 +10,20 @@ from __future__ import annotations
 
 from benchmarks import common
 
-ORDER = ("fetch", "pull", "cuts", "power", "power_cut_fs", "links", "tear")
+ORDER = (
+    "fetch",
+    "pull",
+    "cuts",
+    "power",
+    "power_cut_fs",
+    "links",
+    "links_docker",
+    "tear",
+    "serve",
+    "mirror",
+)
 #: the command of a results file that is not its own benchmark's name
-COMMAND = {"power_cut_fs": "power --scenario powercut"}
+COMMAND = {"power_cut_fs": "power --scenario powercut", "links_docker": "links --tool docker"}
 SKIP = ("## Every run", "## Where resumer's time goes")
 
 
