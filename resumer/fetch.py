@@ -311,6 +311,13 @@ async def _segment_request(
         where = redact_url(str(resp.url))
         out.status = resp.status
         if resp.status == 416:
+            m416 = _UNSATISFIED.match(resp.headers.get("Content-Range", ""))
+            total416 = int(m416.group(1)) if m416 else None
+            # As on one connection (``_handle``): a partial of unknown size asking from its
+            # end and told that is the size is complete. Restarting would fetch it again.
+            if partial.size is None and asked is None and start == total416:
+                await partial.set_validator(validator, total416)
+                return 0  # the body of a 416 is never read (the registry's is short)
             raise RangeRestartError(f"{where}: 416 for {headers['Range']}", status=416)
         error = http.status_error(resp.status, where, resp.headers, clock)
         if error is not None:
