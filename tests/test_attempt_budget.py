@@ -55,6 +55,10 @@ DATA, DIGEST = blob_and_digest(SIZE, seed=3)
 N = 80_000
 FAILURES = [500, 503, 429, 408, 502, 504]
 
+#: Docker's one-stream table (plain GET first, one request per attempt): K = 1. K > 1 has
+#: its own tests in test_segments.py, and its properties in test_crash_properties.py.
+ONE_STREAM: dict[str, object] = {"max_connections_per_blob": 1}
+
 
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
@@ -69,7 +73,7 @@ async def test_success_within_the_budget(tmp_path: Path, failures: int) -> None:
     script = [status(FAILURES[i]) for i in range(failures)]
     async with (
         serve({"b": DATA}, script, clock=clock) as srv,
-        open_engine(tmp_path / "root", clock, max_download_attempts=5) as eng,
+        open_engine(tmp_path / "root", clock, max_download_attempts=5, **ONE_STREAM) as eng,
     ):
         result = await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert (tmp_path / "out").read_bytes() == DATA
@@ -127,7 +131,7 @@ async def test_budget_of_one_means_no_retry(tmp_path: Path) -> None:
 async def test_a_resumed_attempt_counts_like_any_other(tmp_path: Path) -> None:
     async with (
         serve({"b": DATA}, [stall(N), status(500)]) as srv,
-        open_engine(tmp_path / "root", max_download_attempts=2) as eng,
+        open_engine(tmp_path / "root", max_download_attempts=2, **ONE_STREAM) as eng,
     ):
         with pytest.raises(BudgetExhaustedError):
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
@@ -257,7 +261,10 @@ async def test_digest_mismatch_after_a_resume_retries_from_zero_then_fails_for_g
     tmp_path: Path,
 ) -> None:
     bad = _corrupt(DATA, N + 5_000)  # the prefix kept before the stall is fine
-    async with serve({"b": bad}, [stall(N)]) as srv, open_engine(tmp_path / "root") as eng:
+    async with (
+        serve({"b": bad}, [stall(N)]) as srv,
+        open_engine(tmp_path / "root", **ONE_STREAM) as eng,
+    ):
         with pytest.raises(DigestMismatchError) as info:
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         # 1: stalled at N; 2: resumed, mismatch → truncate; 3: from zero, mismatch → stop.
@@ -276,7 +283,7 @@ async def test_digest_mismatch_after_a_resume_truncates_and_retries_from_zero(
 
     async with (
         serve({"b": bad}, [stall(N)], before=mirror_fixed) as srv,
-        open_engine(tmp_path / "root") as eng,
+        open_engine(tmp_path / "root", **ONE_STREAM) as eng,
     ):
         result = await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out")
         assert [range_start(r.headers) for r in srv.requests] == [None, N, None]

@@ -42,6 +42,10 @@ SIZE = 300_000
 DATA, DIGEST = blob_and_digest(SIZE, seed=2)
 N = 100_000  # where a first attempt is interrupted
 
+#: Docker's one-stream table (plain GET first, one request per attempt): K = 1. K > 1 has
+#: its own tests in test_segments.py, and its properties in test_crash_properties.py.
+ONE_STREAM: dict[str, object] = {"max_connections_per_blob": 1}
+
 
 async def fetch_ok(engine, srv, dest: Path, *, name: str = "b", **kw):
     result = await engine.fetch(f"{srv.url}/{name}", digest=srv.digest(name), dest=dest, **kw)
@@ -54,7 +58,10 @@ async def fetch_ok(engine, srv, dest: Path, *, name: str = "b", **kw):
 
 
 async def test_resumed_request_sends_range_and_identity_then_appends(tmp_path: Path) -> None:
-    async with serve({"b": DATA}, [cut(N)]) as srv, open_engine(tmp_path / "root") as eng:
+    async with (
+        serve({"b": DATA}, [cut(N)]) as srv,
+        open_engine(tmp_path / "root", **ONE_STREAM) as eng,
+    ):
         result = await fetch_ok(eng, srv, tmp_path / "out")
         first, second = srv.requests
         assert first.headers.get("Accept-Encoding") == "identity"
@@ -111,7 +118,7 @@ def _run_cuts(offsets: list[int], root: Path) -> tuple[list[int | None], list[in
     async def go() -> tuple[list[int | None], list[int], bytes]:
         async with (
             serve({"b": DATA}, [cut(o) for o in offsets]) as srv,
-            open_engine(root, max_download_attempts=len(offsets) + 1) as eng,
+            open_engine(root, max_download_attempts=len(offsets) + 1, **ONE_STREAM) as eng,
         ):
             await eng.fetch(f"{srv.url}/b", digest=DIGEST, dest=root / "out")
             rows = await attempt_rows(eng)
@@ -204,13 +211,17 @@ async def test_a_partial_without_holes_commits_without_a_request(tmp_path: Path)
 
 
 @pytest.mark.parametrize("kind", ["honest", "short-416"])
+@pytest.mark.parametrize("connections", [1, 4])  # 4: the segmented path must agree
 async def test_416_at_the_expected_size_commits_without_downloading(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, connections: int
 ) -> None:
     """Its size not known, a whole partial asks from its end; a 416 there says complete."""
     root = tmp_path / "root"
     await _complete_partial(root, DATA, size=None)
-    async with serve({"b": DATA}, [Behaviour(kind)]) as srv, open_engine(root) as eng:
+    async with (
+        serve({"b": DATA}, [Behaviour(kind)]) as srv,
+        open_engine(root, max_connections_per_blob=connections) as eng,
+    ):
         # short-416: a Content-Length the body never fills; reading it would hang.
         async with asyncio.timeout(10):
             result = await fetch_ok(eng, srv, tmp_path / "out")
@@ -319,7 +330,7 @@ async def test_transient_status_is_retried_after_the_linear_delay(
     clock = FakeClock()
     async with (
         serve({"b": DATA}, [status(code)], clock=clock) as srv,
-        open_engine(tmp_path / "root", clock) as eng,
+        open_engine(tmp_path / "root", clock, **ONE_STREAM) as eng,
     ):
         result = await fetch_ok(eng, srv, tmp_path / "out")
         assert [r.status for r in srv.requests] == [code, 200]
@@ -399,7 +410,7 @@ async def test_redirect_keeps_range_and_drops_authorization_on_another_host(
     async with serve({"b": DATA}, [stall(N)]) as storage, serve({"b": DATA}) as origin:
         signed = f"{storage.url}/b?X-Amz-Signature=SECRET"
         origin.script = [Behaviour("redirect", location=signed)] * 2
-        async with open_engine(tmp_path / "root") as eng:
+        async with open_engine(tmp_path / "root", **ONE_STREAM) as eng:
             await eng.fetch(
                 f"{origin.url}/b",
                 digest=DIGEST,
@@ -541,7 +552,7 @@ async def test_fetch_without_digest_restarts_from_zero_when_the_etag_changes(
 
 async def test_nginx_happy_path(nginx, tmp_path: Path) -> None:
     (nginx.docroot / "blob").write_bytes(DATA)
-    async with open_engine(tmp_path / "root") as eng:
+    async with open_engine(tmp_path / "root", **ONE_STREAM) as eng:
         result = await eng.fetch(f"{nginx.url}/blob", digest=DIGEST, dest=tmp_path / "out")
         assert (tmp_path / "out").read_bytes() == DATA
         assert result.attempts == 1 and result.stats.wire_bytes == SIZE
@@ -556,7 +567,7 @@ async def _resume_through_stalling_proxy(
     # included) and keeps the socket open: the stall timeout ends the attempt.
     async with (
         FaultProxy(host, port, Faults(stall_at=(40_000,))) as proxy,
-        open_engine(root) as eng,
+        open_engine(root, **ONE_STREAM) as eng,
     ):
         await eng.fetch(
             f"http://127.0.0.1:{proxy.port}{path}", digest=digest, dest=root.parent / "out"
@@ -613,7 +624,7 @@ async def _push_blob(base: str, repo: str, data: bytes) -> str:
 
 async def test_registry_happy_path(registry, tmp_path: Path) -> None:
     digest = await _push_blob(registry.url, "lab/blob", DATA)
-    async with open_engine(tmp_path / "root") as eng:
+    async with open_engine(tmp_path / "root", **ONE_STREAM) as eng:
         result = await eng.fetch(
             f"{registry.url}/v2/lab/blob/blobs/{digest}", digest=digest, dest=tmp_path / "out"
         )

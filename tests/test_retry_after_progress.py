@@ -27,6 +27,10 @@ SIZE = 400_000
 DATA, DIGEST = blob_and_digest(SIZE, seed=11)
 STEP = 16 * 1024  # bytes a cut after progress lets through
 
+#: Docker's one-stream table (plain GET first, one request per attempt): K = 1. K > 1 has
+#: its own tests in test_segments.py, and its properties in test_crash_properties.py.
+ONE_STREAM: dict[str, object] = {"max_connections_per_blob": 1}
+
 
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
@@ -52,7 +56,7 @@ async def test_a_cut_after_progress_reconnects_at_once(tmp_path: Path) -> None:
     events = Recorder()
     async with (
         serve({"b": DATA}, [cut(STEP)], clock=clock) as srv,
-        open_engine(tmp_path / "root", clock) as eng,
+        open_engine(tmp_path / "root", clock, **ONE_STREAM) as eng,
     ):
         result = await eng.fetch(
             f"{srv.url}/b", digest=DIGEST, dest=tmp_path / "out", on_progress=events
