@@ -356,7 +356,9 @@ def test_containerd_pulls_two_registries_through_one_mirror_by_ns(
             # through the mirror: its store holds every layer (containerd's fallback to
             # https://REGISTRY cannot work against a plain-HTTP registry)
             for layer in image.layers:
-                assert (mirror.root / "blobs" / "sha256" / layer.digest[7:]).is_file()
+                blob = mirror.root / "blobs" / "sha256" / layer.digest[7:]
+                # containerd may have every byte before the mirror's commit ends
+                wait_until(blob.is_file, timeout=30, what=f"the mirror commits {layer.digest}")
             assert image_bytes(image) <= up.served <= WIRE_LIMIT * image_bytes(image)
     finally:
         ctd.stop()
