@@ -208,62 +208,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def _number(
+    convert: Callable[[str], Any], not_a: str, ok: Callable[[Any], bool], must: str
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then refuse what ``ok`` does not accept,
+    as "not a whole number: 'x'" or "must be at least 1, got 0" (no traceback)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {not_a}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+def _finite_above_0(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
+
+_positive_int = _number(int, "a whole number", lambda v: v >= 1, "at least 1")
+_positive_float = _number(float, "a number of seconds", _finite_above_0, "a finite number above 0")
 
 #: the demo builds its image on disk: a bigger one is a typo, not a demonstration
 DEMO_MAX_SIZE_MIB = 4096
 
-
-def _demo_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
-    if not 1 <= value <= DEMO_MAX_SIZE_MIB:
-        raise argparse.ArgumentTypeError(
-            f"must be between 1 and {DEMO_MAX_SIZE_MIB} MiB, got {text}"
-        )
-    return value
-
-
-def _demo_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of Mbit/s: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite rate above 0 Mbit/s, got {text}")
-    return value
-
-
-def _demo_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
-    if not 0 < value < 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"must be a fraction of the layers strictly between 0 and 1 (e.g. 0.5), got {text}"
-        )
-    return value
+_demo_size = _number(
+    int,
+    "a whole number of MiB",
+    lambda v: 1 <= v <= DEMO_MAX_SIZE_MIB,
+    f"between 1 and {DEMO_MAX_SIZE_MIB} MiB",
+)
+_demo_rate = _number(float, "a number of Mbit/s", _finite_above_0, "a finite rate above 0 Mbit/s")
+_demo_fraction = _number(
+    float,
+    "a fraction",
+    lambda v: 0 < v < 1,  # also refuses nan
+    "a fraction of the layers strictly between 0 and 1 (e.g. 0.5)",
+)
 
 
 def _add_demo_parser(sub: Any) -> None:
