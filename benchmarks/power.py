@@ -214,6 +214,21 @@ def _ctr_pull(c: Ctx) -> list[str]:
     ]
 
 
+def _client_until(argv: list[str], out: Any, deadline: float) -> int | None:
+    """Run a pull client (its own process group) until it exits or the life's
+    ``deadline`` (perf_counter) comes: its exit code, or None when the life ended first;
+    its group is killed either way."""
+    client = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+    )
+    try:
+        return client.wait(timeout=max(0.0, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        _kill_group(client)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -249,19 +264,7 @@ def _ctd_life(c: Ctx, life: int, period: float, log: Path) -> int | None:
             if daemon.poll() is not None:
                 out.write(f"containerd exited {daemon.returncode} before listening\n".encode())
                 return daemon.returncode or 1
-            client = subprocess.Popen(
-                _ctr_pull(c),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-            try:
-                return client.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                return None
-            finally:
-                _kill_group(client)
+            return _client_until(_ctr_pull(c), out, deadline)
         finally:
             _kill_group(daemon)
 
@@ -369,19 +372,7 @@ def _dockerd_life(
             notes["companion_not_ready"] += 1
             return None
         with log.open("ab") as out:
-            client = subprocess.Popen(
-                d.pull_argv(ref or c.ref),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-            try:
-                return client.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                return None
-            finally:
-                _kill_group(client)
+            return _client_until(d.pull_argv(ref or c.ref), out, deadline)
     finally:
         d.kill()  # SIGKILL, also after a clean pull: the next run starts its own daemon
         if companion is not None:
