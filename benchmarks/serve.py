@@ -12,53 +12,22 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from resumer.lab.serveproc import ResumerServe
+
 from . import common as C
 
 NAME = "serve"
 
 
-def _start_serve(root: Path, upstream: str, log: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            *C.resumer_bin(),
-            "serve",
-            "--root",
-            str(root),
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=log.open("a"),
-        text=True,
-    )
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.start()
-    reader.join(60)
-    if not line or not line[0].startswith("Serving on "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"resumer serve did not start:\n{log.read_text()}")
-    return proc, line[0].split()[-1].strip()
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _start_serve(root: Path, upstream: str, log: Path) -> ResumerServe:
+    """The mirror as an operator runs it: the console script, port 0, ready when it says."""
+    return ResumerServe(root, upstream, log=log, command=C.resumer_bin()).start()
 
 
 def _curl(url: str) -> C.Run:
@@ -79,9 +48,9 @@ def blob_vs_nginx(work: Path, size: int, rounds: int) -> dict[str, Any]:
     if not (docroot / "blob.bin").exists():
         os.link(blob, docroot / "blob.bin")
     nginx = servers.start_nginx(docroot, work / "nginx")
-    proc, where = _start_serve(root, "127.0.0.1:9", work / "serve.log")
+    srv = _start_serve(root, "127.0.0.1:9", work / "serve.log")
     urls = {
-        "resumer serve": f"{where}/v2/bench/blob/blobs/{digest}",
+        "resumer serve": f"{srv.url}/v2/bench/blob/blobs/{digest}",
         "nginx": f"{nginx.url}/blob.bin",
     }
     runs: dict[str, list[C.Run]] = {k: [] for k in urls}
@@ -92,7 +61,7 @@ def blob_vs_nginx(work: Path, size: int, rounds: int) -> dict[str, Any]:
             for k in C.rotated(list(urls), r):
                 runs[k].append(_curl(urls[k]))
     finally:
-        _stop(proc)
+        srv.stop()
         nginx.stop()
     medians = C.run_medians(runs, size)
     return {"size": size, "runs": runs, "medians": medians}
@@ -101,14 +70,14 @@ def blob_vs_nginx(work: Path, size: int, rounds: int) -> dict[str, Any]:
 def four_clients(work: Path, layer_mib: list[int], rounds: int) -> dict[str, Any]:
     servers = C.load_servers()
     reg = servers.start_registry(work / "registry")
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[ResumerServe] = []
     try:
         img = C.push_bench_image(reg.url, work, layer_mib, seed=77, repo="library/bench")
         root = work / "cache-root"
         C.fresh_dir(root)
-        proc, where = _start_serve(root, reg.host, work / "serve4.log")
-        procs.append(proc)
-        host = where.removeprefix("http://")
+        srv = _start_serve(root, reg.host, work / "serve4.log")
+        procs.append(srv)
+        host = srv.host
         src = f"docker://{host}/library/bench:v1"
 
         def copy(dest: Path) -> None:
@@ -139,7 +108,7 @@ def four_clients(work: Path, layer_mib: list[int], rounds: int) -> dict[str, Any
         }
     finally:
         for p in procs:
-            _stop(p)
+            p.stop()
         reg.stop()
 
 

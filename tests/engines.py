@@ -11,7 +11,8 @@ put them behind ``resumer serve``; and the configuration snippets the README sho
 - ``skopeo_pull``: ``skopeo copy docker://MIRROR/NAME:TAG oci:DIR``.
 - ``ProxyThread``: the fault proxy (``resumer.lab.proxy``) on a loop of its own thread, so a
   synchronous test can drive engines while the proxy counts the upstream's bytes.
-- ``ResumerServe``: ``resumer serve`` as a subprocess, killed and restarted on its port.
+- ``ResumerServe`` (``resumer.lab.serveproc``, the benchmarks' too): ``resumer serve`` as a
+  subprocess, killed and restarted on its port.
 
 Sockets live under short directories (``short_dir``): a unix socket path has 108 bytes, and
 pytest's ``tmp_path`` is long. Every helper is polled for readiness with a deadline, never
@@ -21,24 +22,22 @@ slept for, and tears down what it started; a SIGKILLed one can be started again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import re
-import shlex
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from resumer.lab.dockerd import DOCKER, DOCKERD, Dockerd, unmount_under
 from resumer.lab.proxy import Counters, FaultProxy, Faults
+from resumer.lab.serveproc import READY_S, ResumerServe, ServeError
+from resumer.lab.serveproc import kill_group as _kill_group
+from resumer.lab.serveproc import tail as _tail
+from resumer.lab.serveproc import wait_until as _wait_until
 
 __all__ = [
     "DOCKER",
@@ -60,13 +59,8 @@ __all__ = [
     "wait_until",
 ]
 
-#: A cold daemon start on a loaded 2-core machine: generous, it is only a bound.
-READY_S = 90.0
-#: Between two probes of a condition that has no event to wait on (a file, a counter).
-POLL_S = 0.01
 
-
-class EngineError(RuntimeError):
+class EngineError(ServeError):
     """An engine did not come up or failed; the message carries its log's tail."""
 
 
@@ -74,34 +68,12 @@ def wait_until(
     check: Callable[[], object], *, timeout: float, what: str, log: Callable[[], str] = str
 ) -> None:
     """Poll ``check`` until it is true; ``EngineError`` naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise EngineError(f"not within {timeout:.0f} s: {what}\n{log()}")
-        time.sleep(POLL_S)  # a probe interval: the condition has no event to wait on
+    _wait_until(check, timeout=timeout, what=what, log=log, error=EngineError)
 
 
 def short_dir(prefix: str) -> Path:
     """A fresh directory with a short path under /tmp (unix sockets go in it)."""
     return Path(tempfile.mkdtemp(prefix=f"rz-{prefix}-", dir="/tmp"))
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "<no log>"
-
-
-def _kill_group(proc: subprocess.Popen[bytes], *, grace: float = 0.0) -> None:
-    """SIGTERM (if ``grace``) then SIGKILL the process group, and reap the leader."""
-    if grace and proc.poll() is None:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 # --------------------------------------------------------------------------- snippets
@@ -194,119 +166,6 @@ class ProxyThread:
             self._thread.join(60)
         if not self._loop.is_closed() and not self._loop.is_running():
             self._loop.close()
-
-
-# --------------------------------------------------------------------------- resumer serve
-
-_SERVING = re.compile(r"Serving on http://(\S+)")
-
-
-class ResumerServe:
-    """``resumer serve`` as a subprocess: stdout and stderr go to ``log``, whose "Serving on
-    http://HOST:PORT" line says it is ready. ``kill()`` is a SIGKILL; ``start()`` again
-    listens on the port of the first life (and the same root)."""
-
-    def __init__(
-        self,
-        root: Path,
-        upstream: str,
-        *,
-        insecure: Sequence[str] = (),
-        extra: Sequence[str] = (),
-        log: Path | None = None,
-    ) -> None:
-        self.root = root
-        self.upstream = upstream
-        self.insecure = list(insecure) or [upstream]
-        self.extra = list(extra)
-        self.log = log if log is not None else root.with_name(root.name + ".log")
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lives = 0
-        self._log_start = 0  # where this life's lines begin in the log
-
-    def argv(self) -> list[str]:
-        # RESUMER_TEST_SERVE runs another build of resumer (e.g. "/path/.venv/bin/python -m
-        # resumer") under the same tests; by default, the one this venv imports.
-        command = shlex.split(os.environ.get("RESUMER_TEST_SERVE", "")) or [
-            sys.executable,
-            "-m",
-            "resumer",
-        ]
-        out = [*command, "serve", "--listen", f"127.0.0.1:{self.port}"]
-        out += ["--root", str(self.root), "--upstream", self.upstream]
-        for host in self.insecure:
-            out += ["--insecure-registry", host]
-        return out + self.extra
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def start(self) -> ResumerServe:
-        self.spawn()
-        self.wait_ready()
-        return self
-
-    def spawn(self) -> None:
-        """Start the process and return at once (``wait_ready`` reads its log)."""
-        if self.proc is not None and self.proc.poll() is None:
-            raise EngineError("resumer serve is already running")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._log_start = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("ab") as out:
-            out.write(f"--- life {self.lives}: {' '.join(self.argv())}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        self.lives += 1
-
-    def _serving(self) -> re.Match[str] | None:
-        """The "Serving on" line this life wrote, if it has (EngineError if it exited)."""
-        proc = self.proc
-        assert proc is not None, "spawn() first"
-        if proc.poll() is not None:
-            raise EngineError(f"resumer serve exited {proc.returncode}:\n{_tail(self.log)}")
-        with self.log.open("rb") as f:
-            f.seek(self._log_start)
-            return _SERVING.search(f.read().decode(errors="replace"))
-
-    def wait_ready(self, deadline: float | None = None) -> bool:
-        """Poll until it serves; False at ``deadline`` (``time.perf_counter`` time). Without
-        one, EngineError after ``READY_S``; EngineError too if the process exits."""
-        if deadline is None:
-            wait_until(
-                self._serving, timeout=READY_S, what="resumer serve ready", log=self.log_tail
-            )
-        while (found := self._serving()) is None:
-            if deadline is not None and time.perf_counter() >= deadline:
-                return False
-            time.sleep(POLL_S)  # a probe interval: the log line has no event to wait on
-        self.port = int(found.group(1).rsplit(":", 1)[1])
-        return True
-
-    def kill(self) -> None:
-        """SIGKILL, as a power cut or the OOM killer would."""
-        if self.proc is not None:
-            _kill_group(self.proc)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _kill_group(self.proc, grace=30.0)
-            self.proc = None
-
-    def log_tail(self) -> str:
-        return _tail(self.log)
 
 
 # --------------------------------------------------------------------------- dockerd

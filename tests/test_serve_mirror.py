@@ -17,10 +17,11 @@ import aiohttp
 import pytest
 from conftest import PushImage
 from servers import SKOPEO_BIN, Registry, require, skopeo_copy
-from serving import mirror_in_process, serving
+from serving import mirror_in_process
 
 from resumer.lab.images import BuiltImage, LayerSpec, build_image
 from resumer.lab.proxy import FaultProxy, Faults
+from resumer.lab.serveproc import ResumerServe
 
 MiB = 1 << 20
 
@@ -56,12 +57,12 @@ async def test_skopeo_copies_an_image_through_the_mirror_at_one_times_the_image(
     image = three_layers(tmp_path / "b", seed=11)
     await asyncio.to_thread(pushed_image, repo="library/app", tag="v1", image=image)
     async with FaultProxy("127.0.0.1", registry.port, Faults()) as proxy:
-        with serving(tmp_path / "root", f"127.0.0.1:{proxy.port}") as srv:
+        with ResumerServe(tmp_path / "root", f"127.0.0.1:{proxy.port}", extra=["-v"]) as srv:
             dest = tmp_path / "oci"
             await asyncio.to_thread(
                 skopeo_copy, f"docker://{srv.host}/library/app:v1", f"oci:{dest}:v1"
             )
-            log = srv.log()
+            log = srv.text()
     assert image_digests(image) <= oci_digests(dest), log
     ratio = proxy.counters.bytes_down / full_size(image)
     print(f"skopeo through the mirror: upstream sent {proxy.counters.bytes_down} B, {ratio:.4f}x")
@@ -77,7 +78,7 @@ async def test_three_clients_at_once_share_one_upstream_transfer(
     await asyncio.to_thread(pushed_image, repo="library/shared", tag="v1", image=image)
     # Slowed so the three pulls overlap: ~11 MiB at 8 MiB/s takes more than a second.
     async with FaultProxy("127.0.0.1", registry.port, Faults(rate=8 * MiB)) as proxy:
-        with serving(tmp_path / "root", f"127.0.0.1:{proxy.port}") as srv:
+        with ResumerServe(tmp_path / "root", f"127.0.0.1:{proxy.port}", extra=["-v"]) as srv:
             dests = [tmp_path / f"oci{i}" for i in range(3)]
             await asyncio.gather(
                 *(
@@ -87,7 +88,7 @@ async def test_three_clients_at_once_share_one_upstream_transfer(
                     for d in dests
                 )
             )
-            log = srv.log()
+            log = srv.text()
     for d in dests:
         assert image_digests(image) <= oci_digests(d), log
     ratio = proxy.counters.bytes_down / full_size(image)
