@@ -429,25 +429,45 @@ def more_versions() -> dict[str, str]:
     }
 
 
-def retrying_fetch_argv(url: str, digest: str, scratch: Path, attempts: int) -> list[str]:
-    """``resumer fetch`` into ``scratch/out.bin`` with ``attempts`` tries, linear 1 s step."""
+def fetch_argv(
+    url: str,
+    digest: str,
+    out: Path,
+    root: Path,
+    *extra: str,
+    progress: str = "json",
+    exe: list[str] | None = None,
+) -> list[str]:
+    """``resumer fetch URL --digest D -o OUT --root ROOT --progress P EXTRA...``: the one
+    command line every benchmark times (``exe``: another build, e.g. a baseline)."""
     return [
-        *resumer_bin(),
+        *(exe or resumer_bin()),
         "fetch",
         url,
         "--digest",
         digest,
         "-o",
-        str(scratch / "out.bin"),
+        str(out),
         "--root",
-        str(scratch / "root"),
+        str(root),
         "--progress",
-        "json",
+        progress,
+        *extra,
+    ]
+
+
+def retrying_fetch_argv(url: str, digest: str, scratch: Path, attempts: int) -> list[str]:
+    """``resumer fetch`` into ``scratch/out.bin`` with ``attempts`` tries, linear 1 s step."""
+    return fetch_argv(
+        url,
+        digest,
+        scratch / "out.bin",
+        scratch / "root",
         "--max-download-attempts",
         str(attempts),
         "--retry-delay",
         "1",
-    ]
+    )
 
 
 def retrying_curl_argv(url: str, scratch: Path, attempts: int) -> list[str]:

@@ -44,24 +44,11 @@ def _resumer(
     def build(url: str, digest: str, scratch: Path) -> tuple[list[str], Path]:
         out = scratch / "out.bin"
         root = scratch / "root"  # fresh every run: no checkpoint or blob to reuse
-        # The console script next to this interpreter, not the first on PATH: a pyenv
-        # shim there would add bash start-ups to every timed run.
+        # fetch_argv runs the console script next to this interpreter, not the first on
+        # PATH: a pyenv shim there would add bash start-ups to every timed run.
         prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
-        return [
-            *prefix,
-            *(exe or common.resumer_bin()),
-            "fetch",
-            url,
-            "--digest",
-            digest,
-            "-o",
-            str(out),
-            "--root",
-            str(root),
-            "--progress",
-            "none",
-            *extra,
-        ], out
+        argv = common.fetch_argv(url, digest, out, root, *extra, progress="none", exe=exe)
+        return [*prefix, *argv], out
 
     return build
 

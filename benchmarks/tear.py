@@ -78,19 +78,7 @@ class Tool:
 
 
 def _resumer(url: str, digest: str, scratch: Path) -> list[str]:
-    return [
-        *common.resumer_bin(),
-        "fetch",
-        url,
-        "--digest",
-        digest,
-        "-o",
-        str(scratch / "out.bin"),
-        "--root",
-        str(scratch / "root"),
-        "--progress",
-        "json",
-    ]
+    return common.fetch_argv(url, digest, scratch / "out.bin", scratch / "root")
 
 
 def _resumer_partial(digest: str, scratch: Path) -> Path:
