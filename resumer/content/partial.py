@@ -212,7 +212,8 @@ class Ingest:
         self, key: str, path: Path, chunk_size: int, size: int | None
     ) -> dict[int, tuple[int, int | None]]:
         """Take back a partial that gc kept aside for lack of a record (a lost or emptied
-        state.db): its whole chunks are recorded as they are now and kept.
+        state.db): what each chunk holds is recorded as it is now and kept (see
+        ``_adopt_file``: a partial written at K offsets has gaps, and none is adopted).
 
         Nothing vouches for those bytes, so they count as a resumed download: the final
         sha256 is the guard, and a mismatch restarts from zero (Docker's rule for a
@@ -222,16 +223,17 @@ class Ingest:
         if not orphan.is_file():
             return {}
         loop = asyncio.get_running_loop()
-        hashes = await loop.run_in_executor(None, _adopt_file, orphan, path, chunk_size, size)
-        if hashes:
-            await self.store.checkpoint(key, [(i, h, None) for i, h in enumerate(hashes)], None)
+        chunks = await loop.run_in_executor(None, _adopt_file, orphan, path, chunk_size, size)
+        if chunks:
+            await self.store.checkpoint(key, chunks, None)
         log.warning(
-            "%s: adopted partial kept aside without a record: %d bytes, unverified until"
-            " the digest check",
+            "%s: adopted partial kept aside without a record: %d bytes in %d chunk(s),"
+            " unverified until the digest check",
             key,
-            len(hashes) * chunk_size,
+            sum(chunk_size if n is None else n for _, _, n in chunks),
+            len(chunks),
         )
-        return {i: (h, None) for i, h in enumerate(hashes)}
+        return {i: (h, n) for i, h, n in chunks}
 
 
 class _Slab:
@@ -1308,20 +1310,56 @@ def _preallocate(fd: int, start: int, end: int) -> None:
         _libc = False  # no fallocate(2) here: never try again
 
 
-def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> list[int]:
-    """Worker thread: move ``orphan`` back to ``path``; xxh3 of its whole chunks."""
+def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> list[_Chunk]:
+    """Worker thread: move ``orphan`` back to ``path``; a record for what each chunk holds.
+
+    No record says which bytes were written, but the way they are written does: each
+    chunk fills from its start, in order (a stream writes in order, and starts mid-chunk
+    only after the bytes before it), so what a chunk holds is a prefix of it. The rest of
+    it was never written, and reads as zeros: sparse, reserved by ``_preallocate``, or
+    past the end of the file. So each chunk is adopted up to its last non-zero byte (a
+    prefix record, or a whole one); a chunk of zeros is a hole. Written bytes that are
+    really zeros at a chunk's end only cost fetching them again. An unwritten gap is
+    never adopted (a partial written at K offsets has one in each segment), so the final
+    digest, still the guard, fails only on bytes that were written wrong.
+
+    Sparse regions are skipped without reading them (SEEK_DATA), where the file system
+    can say; where it cannot, the zeros read tell the same.
+    """
     os.replace(orphan, path)
     fsync_dir(path.parent)
     fsync_dir(orphan.parent)
-    hashes: list[int] = []
+    chunks: list[_Chunk] = []
     with open(path, "rb") as f:
-        limit = os.fstat(f.fileno()).st_size if size is None else size
-        while (len(hashes) + 1) * chunk_size <= limit:
-            data = f.read(chunk_size)
-            if len(data) < chunk_size:
+        fd = f.fileno()
+        limit = os.fstat(fd).st_size
+        if size is not None:
+            limit = min(limit, size)  # bytes past the blob's end are none of it
+        pos = 0
+        while pos < limit:
+            pos = _next_data(fd, pos)
+            if pos >= limit:
                 break
-            hashes.append(to_signed(xxhash.xxh3_64_intdigest(data)))
-    return hashes
+            idx = pos // chunk_size
+            start = idx * chunk_size
+            data = os.pread(fd, min(chunk_size, limit - start), start)
+            held = len(data.rstrip(b"\0"))
+            if held:
+                length = None if held == chunk_size else held
+                chunks.append((idx, to_signed(xxhash.xxh3_64_intdigest(data[:held])), length))
+            pos = start + chunk_size
+    return chunks
+
+
+def _next_data(fd: int, pos: int) -> int:
+    """The first offset at or after ``pos`` that may hold data (the file's length when
+    none does); ``pos`` itself where the file system cannot tell."""
+    try:
+        return os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # nothing but a hole from pos to the end
+            return os.fstat(fd).st_size
+        return pos  # no SEEK_DATA here (EINVAL): read it all
 
 
 def _open_partial(path: Path) -> int:
