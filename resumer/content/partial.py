@@ -463,9 +463,8 @@ class Partial:
             seg.xxh.update(head)
         if self._hash_pos < start and len(self._segments) <= 1:
             await self._catch_up_sha(start)
-        stop = end if end is not None else self.size
-        if stop is not None and stop > start:
-            await loop.run_in_executor(self._writer_pool, _preallocate, self._fd, start, stop)
+        # Its blocks are reserved as it writes (Segment.reserve), not here for the whole
+        # range: K ranges reserved at once filled a small disk before their data came.
         self._segments.append(seg)
         return seg
 
@@ -785,6 +784,7 @@ class Partial:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         views = list(batch)
         pos = seg.wpos
+        seg.reserve(fd, pos + total)
         while views:
             n = os.pwritev(fd, views, pos)
             pos += n
@@ -986,8 +986,33 @@ class Segment:
         # The writer thread's cursor and the chunk it is hashing with xxh3: they change
         # only in that thread (a stream's batches reach it in order).
         self.wpos = start
+        self.reserved = start  # blocks reserved up to here (writer thread, see reserve)
         self.xxh = xxhash.xxh3_64()
         self.next_chunk, self.chunk_fill = divmod(start, partial.chunk_size)
+
+    def reserve(self, fd: int, upto: int) -> None:
+        """Writer thread, before writing up to ``upto``: keep the blocks of the next
+        ``_RESERVE_AHEAD`` bytes of the range reserved, in steps of at least half that
+        (extents that long do not fragment, however many streams write beside it).
+
+        Never the whole range at once: with K streams that reserved K ranges before their
+        data came, and a small disk filled with reservations (3.2 MiB of data kept on
+        12 MiB with K = 4, against 9.7 MiB with one stream). A window holds at most
+        ``_RESERVE_AHEAD`` unwritten per stream, and ``_preallocate`` holds none once
+        the disk is near full.
+        """
+        stop = self.end if self.end is not None else self.p.size
+        if stop is None:
+            return  # the blob's end is not known: nothing to reserve up to
+        if self.reserved >= min(stop, upto + _RESERVE_AHEAD // 2):
+            return  # still far enough ahead
+        start = max(self.reserved, self.wpos)
+        end = min(stop, upto + _RESERVE_AHEAD)
+        if end > start:
+            _preallocate(fd, start, end)
+        # Advanced even when nothing was reserved (a disk near full): the next try is
+        # half a window on, not at every batch.
+        self.reserved = end
 
     def settle(self) -> None:
         """Book the accepted bytes into the partial's chunk map."""
@@ -1284,16 +1309,29 @@ def _hash_range(sha: Any, path: Path, start: int, end: int) -> None:
 
 
 _FALLOC_FL_KEEP_SIZE = 1
+#: how far ahead of its cursor a stream keeps blocks reserved (see Segment.reserve)
+_RESERVE_AHEAD = 8 << 20
+#: no block is reserved unless the file system has this much free beyond it: near full,
+#: every byte of space goes to data as it comes, none to a reservation
+_RESERVE_SPARE = 64 << 20
 _libc: Any = None
 
 
 def _preallocate(fd: int, start: int, end: int) -> None:
-    """Writer thread: reserve the blocks of [start, end) so the segment's writes neither
-    fragment nor meet a full disk half way. KEEP_SIZE: the file's length still says what
-    was written. Best effort: a file system that cannot (FUSE, tmpfs on old kernels) or
-    a disk without the room just writes as it goes, and meets ENOSPC where it meets it."""
+    """Writer thread: reserve the blocks of [start, end) so a stream's writes neither
+    fragment nor meet a disk filled by others half way. KEEP_SIZE: the file's length
+    still says what was written. Only with ``_RESERVE_SPARE`` free beyond them: on a
+    disk that is nearly full a reservation is space no data can use, and what a run
+    keeps there is what it wrote. Best effort: a file system that cannot (FUSE, tmpfs
+    on old kernels) or a disk without the room just writes as it goes, and meets ENOSPC
+    where it meets it."""
     global _libc
+    if _libc is False:
+        return
     try:
+        st = os.fstatvfs(fd)
+        if st.f_bavail * st.f_frsize < (end - start) + _RESERVE_SPARE:
+            return
         if _libc is None:
             import ctypes
             import ctypes.util
@@ -1305,6 +1343,7 @@ def _preallocate(fd: int, start: int, end: int) -> None:
                 ctypes.c_longlong,
                 ctypes.c_longlong,
             ]
+        # A failure (EOPNOTSUPP, ENOSPC) is ignored: the writes go on without it.
         _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, start, end - start)
     except (OSError, AttributeError):
         _libc = False  # no fallocate(2) here: never try again
