@@ -91,7 +91,7 @@ async def test_a_lost_state_db_costs_no_partial_the_next_fetch_adopts_it(
         async with Engine.open(tmp_path, Config(chunk_size=4096), clock=clock) as engine:
             res = await engine.fetch(f"{srv.url}/a", digest=srv.digest("a"))
         assert res.path.read_bytes() == data["a"]
-        # Only whole chunks of the orphan are adopted: at most one chunk comes again.
+        # The orphan is adopted up to what it holds: at most one chunk comes again.
         assert srv.bytes_served - served <= SIZE - 120_000 + 4096
         assert not list((tmp_path / "ingest" / "orphans").iterdir())
 
