@@ -110,7 +110,6 @@ def test_a_full_disk_says_disk_full_keeps_the_partial_and_the_next_run_continues
         assert not out.exists()
         assert len([p for p in (root / "ingest").iterdir() if p.is_file()]) == 1
         [kept] = recorded(root).values()
-        print(f"K={k}: kept {kept} recorded, {disk_held(root)} held")
         assert kept >= 4 * MiB
         # No space went to reservations that data never filled: what the partial holds
         # on disk is its verified data, and what was in flight when the disk filled.
@@ -123,7 +122,6 @@ def test_a_full_disk_says_disk_full_keeps_the_partial_and_the_next_run_continues
         second = cli(*args)
         assert second.returncode == 0, second.stderr
         assert out.read_bytes() == data
-        print(f"K={k}: wire {stats_of(second.stdout)['wire_bytes']} for rest {len(data) - kept}")
         assert stats_of(second.stdout)["wire_bytes"] <= len(data) - kept + 2 * MiB
 
 
@@ -214,7 +212,7 @@ def test_a_corrupt_state_db_names_the_file_and_reset_state_keeps_the_partials(
     tmp_path: Path, nginx_factory: NginxFactory, k: int
 ) -> None:
     args, data, root = _leave_partial(tmp_path, nginx_factory, k)
-    kept = sum(recorded(root).values())
+    kept = sum(recorded(root).values())  # verified, before the record is lost
     db = root / "state.db"
     for extra in ("-wal", "-shm"):
         db.with_name(db.name + extra).unlink(missing_ok=True)
@@ -237,7 +235,6 @@ def test_a_corrupt_state_db_names_the_file_and_reset_state_keeps_the_partials(
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out.bin").read_bytes() == data
     # The kept-aside partial was adopted: only the rest (and at most a chunk) came again.
-    print(f"K={k}: wire {stats_of(res.stdout)['wire_bytes']}, rest {len(data) - kept}")
     assert stats_of(res.stdout)["wire_bytes"] <= len(data) - kept + MiB
 
 
@@ -299,7 +296,6 @@ def test_a_pull_onto_a_full_disk_says_disk_full_and_a_later_pull_finishes(
         layers = image.image.layers
         blobs = root / "blobs" / "sha256"
         committed = sum(x.size for x in layers if (blobs / x.digest[7:]).exists())
-        print(f"K={k}: kept {kept} recorded, {disk_held(root)} held, {committed} committed")
         assert kept + committed >= 4 * MiB
         assert disk_held(root) - kept <= 2 * MiB
         subprocess.run(["mount", "-o", "remount,size=80m", str(small)], check=True)
@@ -307,5 +303,4 @@ def test_a_pull_onto_a_full_disk_says_disk_full_and_a_later_pull_finishes(
         assert second.returncode == 0, second.stderr
         assert image.digest in (root / "index.json").read_text()
         rest = sum(x.size for x in layers) - kept - committed
-        print(f"K={k}: wire {stats_of(second.stdout)['wire_bytes']} for rest {rest}")
         assert stats_of(second.stdout)["wire_bytes"] <= rest + 2 * MiB
