@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 from pathlib import Path
 
 import pytest
 from badserver import BlobServer, cut
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from resumer.clock import FakeClock
 from resumer.config import Config
@@ -87,7 +91,7 @@ async def test_a_lost_state_db_costs_no_partial_the_next_fetch_adopts_it(
         async with Engine.open(tmp_path, Config(chunk_size=4096), clock=clock) as engine:
             res = await engine.fetch(f"{srv.url}/a", digest=srv.digest("a"))
         assert res.path.read_bytes() == data["a"]
-        # Only whole chunks of the orphan are adopted: at most one chunk comes again.
+        # The orphan is adopted up to what it holds: at most one chunk comes again.
         assert srv.bytes_served - served <= SIZE - 120_000 + 4096
         assert not list((tmp_path / "ingest" / "orphans").iterdir())
 
@@ -110,6 +114,99 @@ async def test_an_adopted_partial_that_is_wrong_restarts_from_zero_and_commits_t
             res = await engine.fetch(f"{srv.url}/a", digest=srv.digest("a"))
         assert res.path.read_bytes() == data["a"]
         assert res.stats.wasted_bytes > 0  # the mismatch is accounted for
+
+
+CHUNK = 4096
+
+
+@st.composite
+def chunk_maps(draw: st.DrawFn) -> tuple[list[int], list[int], list[int]]:
+    """A chunk map written at offsets: (chunk lengths, bytes written from each chunk's
+    start, how many of those written bytes are zeros at their end), the blob's last chunk
+    short or whole."""
+    n = draw(st.integers(1, 8))
+    lengths = [CHUNK] * (n - 1) + [draw(st.sampled_from([1, 100, CHUNK - 1, CHUNK]))]
+    written = [draw(st.sampled_from(sorted({0, 1, c // 2, c - 1, c}))) for c in lengths]
+    zeros = [draw(st.integers(0, w)) if draw(st.booleans()) else 0 for w in written]
+    return lengths, written, zeros
+
+
+def _present(
+    holes: list[tuple[int, int | None]], starts: list[int], lengths: list[int]
+) -> list[int]:
+    """Bytes present in each chunk: its length less the holes in it."""
+    out = []
+    for a, n in zip(starts, lengths, strict=True):
+        gone = sum(max(0, min(a + n, b if b is not None else a + n) - max(a, h)) for h, b in holes)
+        out.append(n - gone)
+    return out
+
+
+def _gapped_blob(lengths: list[int], written: list[int], zeros: list[int]) -> bytes:
+    """No zero byte anywhere except the ``zeros`` at the end of each written prefix."""
+    rng = random.Random(len(lengths))
+    out = bytearray()
+    for length, w, z in zip(lengths, written, zeros, strict=True):
+        chunk = bytearray(rng.randint(1, 255) for _ in range(length))
+        chunk[w - z : w] = bytes(z)
+        out += chunk
+    return bytes(out)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(layout=chunk_maps(), order=st.randoms(use_true_random=False))
+@example(layout=([CHUNK] * 4, [CHUNK, CHUNK // 2, 0, CHUNK], [0, 0, 0, 0]), order=random.Random(0))
+@example(layout=([CHUNK, CHUNK], [CHUNK, CHUNK], [1, 0]), order=random.Random(0))
+def test_an_orphan_with_gaps_is_adopted_up_to_what_each_chunk_holds(
+    tmp_path_factory: pytest.TempPathFactory,
+    layout: tuple[list[int], list[int], list[int]],
+    order: random.Random,
+) -> None:
+    """Any chunk map written at offsets (as K connections leave it), its record lost: the
+    adopted map never claims a byte that was not written, and keeps each chunk up to its
+    last non-zero written byte (every whole chunk that does not end in zeros, whole).
+    The fetch that follows moves only the rest, and commits the right blob."""
+    lengths, written, zeros = layout
+    data = _gapped_blob(lengths, written, zeros)
+    starts = [i * CHUNK for i in range(len(lengths))]
+    root = tmp_path_factory.mktemp("root")
+    cfg = Config(chunk_size=CHUNK)
+
+    async def run() -> None:
+        async with BlobServer({"a": data}) as srv:
+            key = srv.digest("a")
+            async with Engine.open(root, cfg, clock=FakeClock()) as engine:
+                partial, _ = await engine.ingest.open(key, digest=key, size=len(data))
+                try:
+                    pieces = [(a, a + w) for a, w in zip(starts, written, strict=True) if w]
+                    order.shuffle(pieces)
+                    for a, b in pieces:  # each a stream of its own, as a connection's
+                        seg = await partial.open_segment(a, b)
+                        await seg.write(data[a:b])
+                        await partial.close_segment(seg)
+                finally:
+                    await partial.close()
+            for name in ("state.db", "state.db-wal", "state.db-shm"):
+                (root / name).unlink(missing_ok=True)
+            async with Engine.open(root, cfg, clock=FakeClock()) as engine:  # gc keeps it aside
+                # An empty partial is removed instead (nothing to adopt).
+                assert bool(list((root / "ingest" / "orphans").glob("*"))) == any(written)
+                partial, reopened = await engine.ingest.open(key, digest=key, size=len(data))
+                adopted = _present(partial.holes(), starts, lengths)
+                await partial.close()
+                want = [w - z for w, z in zip(written, zeros, strict=True)]
+                for idx, (got, w) in enumerate(zip(adopted, written, strict=True)):
+                    assert got <= w, f"chunk {idx}: adopted {got} bytes, {w} were written"
+                assert adopted == want
+                assert reopened.offset == sum(want)
+                served = srv.bytes_served
+                res = await engine.fetch(f"{srv.url}/a", digest=key)
+                assert res.path.read_bytes() == data
+                assert srv.bytes_served - served == len(data) - sum(want)
+
+    asyncio.run(run())
 
 
 async def test_the_budget_takes_orphans_first_and_prune_removes_the_rest(tmp_path: Path) -> None:
