@@ -12,11 +12,14 @@ cut left of it, recorded with their length), or a hole. Data is written at its o
 Invariants kept here (DESIGN.md):
 1. Recorded before trusted; synced before counted as durable. Each chunk's xxh3 is
    recorded once written; the durable offset (the contiguous written prefix) only
-   advances after fdatasync.
+   advances after fdatasync. A record written before its data is synced may outlive
+   that data in a power cut, so each chunk also keeps the record the last finished
+   fdatasync covered (its *synced* record), made durable with that sync's offset.
 2. Never trust a partial file; never throw away a good chunk: reopen verifies every
-   recorded chunk, turns bad or unrecorded ones into holes and keeps the good chunks
-   around them. sha256 is kept over the contiguous verified prefix, off the loop, and
-   completed from disk as the holes are filled.
+   recorded chunk (against its synced record when the latest does not match), turns
+   bad or unrecorded ones into holes and keeps the good chunks around them. sha256 is
+   kept over the contiguous verified prefix, off the loop, and completed from disk as
+   the holes are filled.
 3. Verified before visible: commit = fdatasync, size and digest check, rename, fsync dir.
 """
 
@@ -75,8 +78,9 @@ _HANDOFF_SECONDS = 0.03
 _Chunk = tuple[int, int, int | None]
 #: a byte range [start, end) of a partial; end None = up to an end not known yet
 Span = tuple[int, int | None]
-#: chunks to record, and a durable offset to advance to (after fdatasync)
-_Record = tuple[list[_Chunk], int | None]
+#: chunks to record, a durable offset to advance to (after fdatasync), and the records
+#: that fdatasync covered (each chunk's fallback on reopen)
+_Record = tuple[list[_Chunk], int | None, list[_Chunk]]
 
 
 def key_filename(key: str) -> str:
@@ -179,10 +183,12 @@ class Ingest:
                 chunk_size=self.config.chunk_size,
             )
             hashes: dict[int, tuple[int, int | None]] = {}
+            synced: dict[int, tuple[int, int | None]] = {}
             if digest is not None:
                 hashes = await self._adopt_orphan(key, path, row.chunk_size, size)
         else:
             hashes = await self.store.chunk_map(key)
+            synced = await self.store.synced_chunk_map(key)
             if size is None:
                 size = row.size
         partial = Partial(
@@ -194,7 +200,7 @@ class Ingest:
             chunk_size=row.chunk_size,
             validator=row.validator,
         )
-        reopened = await partial._reopen(hashes)
+        reopened = await partial._reopen(hashes, synced)
         self._opened(partial)
         if reopened.discarded:
             log.info(
@@ -298,6 +304,9 @@ class Partial:
         self._inflight: collections.deque[asyncio.Future[list[_Chunk]]] = collections.deque()
         self._hashing: collections.deque[asyncio.Future[None]] = collections.deque()
         self._unrecorded = 0  # chunks written whose records have not reached SQLite
+        #: the latest record of each chunk written since the last fdatasync started: the
+        #: next sync covers them, and then they become those chunks' synced records
+        self._unsynced: dict[int, _Chunk] = {}
         #: the streams writing into holes: the main one (``write``/``begin_segment``),
         #: and those of a parallel attempt (``open_segment``)
         self._main = Segment(self, 0, None)
@@ -323,9 +332,13 @@ class Partial:
 
     # --- opening ---------------------------------------------------------------------
 
-    async def _reopen(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:
+    async def _reopen(
+        self,
+        hashes: dict[int, tuple[int, int | None]],
+        synced: dict[int, tuple[int, int | None]],
+    ) -> Reopened:
         try:
-            return await self._verify_and_open(hashes)
+            return await self._verify_and_open(hashes, synced)
         except BaseException:
             # Nobody gets a half-open partial: its recorder (started before the first
             # segment opens, which may be where a cancellation lands), threads and file
@@ -336,12 +349,17 @@ class Partial:
                 self._release()
             raise
 
-    async def _verify_and_open(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:
+    async def _verify_and_open(
+        self,
+        hashes: dict[int, tuple[int, int | None]],
+        synced: dict[int, tuple[int, int | None]],
+    ) -> Reopened:
         loop = asyncio.get_running_loop()
+        verify = functools.partial(
+            _verify_map, self.path, hashes, self.chunk_size, self.size, synced
+        )
         try:
-            found = await loop.run_in_executor(
-                self._writer_pool, _verify_map, self.path, hashes, self.chunk_size, self.size
-            )
+            found = await loop.run_in_executor(self._writer_pool, verify)
         except OSError as exc:
             raise disk_error(f"cannot verify partial {self.path}", exc) from exc
         have = found.have
@@ -349,9 +367,11 @@ class Partial:
         kept = {i for i, n in enumerate(have) if n}
         stale = [i for i in hashes if i not in kept]
         prefix = _prefix(have, self.chunk_size, self.size)
-        if stale or found.discarded:
+        if stale or found.discarded or found.fell_back:
             validator = self.validator if held else None
-            await self._store.forget_chunks(self.key, stale, prefix, validator)
+            await self._store.forget_chunks(
+                self.key, stale, prefix, validator, fell_back=found.fell_back
+            )
         else:
             await self._store.checkpoint(self.key, [], prefix)
         if held == 0:
@@ -680,7 +700,9 @@ class Partial:
                 self._wake_readers()
             if done and self._cfg.checkpoints:
                 self._unrecorded += len(done)
-                self._records.put_nowait((done, None))
+                self._records.put_nowait((done, None, []))
+                for chunk in done:
+                    self._unsynced[chunk[0]] = chunk
             self._maybe_sync()
         self._pump()
 
@@ -722,15 +744,20 @@ class Partial:
         # Everything counted in _written, and every chunk in _done, was written by a
         # finished write: this sync covers at least that much. The claim it makes is the
         # contiguous prefix (chunks past a hole are durable too, but claiming less is safe).
+        # Likewise every record in _unsynced: it came from a finished write, and was
+        # queued for SQLite before the sync's own record will be.
         written = self._written
         upto = self._done_prefix()
+        covered, self._unsynced = list(self._unsynced.values()), {}
         self._synced_request = written
         self._last_sync = self._clock.monotonic()
         fut = asyncio.get_running_loop().run_in_executor(self._sync_pool, os.fdatasync, self._fd)
-        fut.add_done_callback(functools.partial(self._on_synced, upto, written))
+        fut.add_done_callback(functools.partial(self._on_synced, upto, written, covered))
         self._sync_fut = fut
 
-    def _on_synced(self, upto: int, written: int, fut: asyncio.Future[None]) -> None:
+    def _on_synced(
+        self, upto: int, written: int, covered: list[_Chunk], fut: asyncio.Future[None]
+    ) -> None:
         self._sync_fut = None
         if fut.cancelled():
             self._fail(StoreError(f"partial {self.path}: a sync was cancelled"))
@@ -743,7 +770,7 @@ class Partial:
             # Synced before counted as durable.
             self._synced = max(self._synced, written)
             self.durable = max(self.durable, upto)
-            self._records.put_nowait(([], self.durable))
+            self._records.put_nowait(([], self.durable, covered))
             self._maybe_sync()
         self._pump()
 
@@ -752,8 +779,9 @@ class Partial:
             item = await self._records.get()
             if item is None:
                 return
-            chunks, durable = item
-            # Coalesce whatever queued up meanwhile into one transaction.
+            chunks, durable, synced = item
+            # Coalesce whatever queued up meanwhile into one transaction (the store writes
+            # the chunk records before the synced ones, so queue order is kept).
             while not self._records.empty():
                 nxt = self._records.get_nowait()
                 if nxt is None:
@@ -761,9 +789,10 @@ class Partial:
                     break
                 chunks = chunks + nxt[0]
                 durable = nxt[1] if nxt[1] is not None else durable
+                synced = synced + nxt[2]
             try:
                 tally = self.tally() if self.tally is not None else None
-                await self._store.checkpoint(self.key, chunks, durable, tally)
+                await self._store.checkpoint(self.key, chunks, durable, tally, synced)
             except StoreError as exc:
                 self._fail(exc)
                 self._pump()
@@ -841,6 +870,7 @@ class Partial:
         self._generation += 1
         self._wake_readers()
         self._acc, self._done = [], []
+        self._unsynced = {}
         self._prefix_at = (0, 0)
         self._held = self.durable = 0
         self._main = Segment(self, 0, None)
@@ -1132,6 +1162,8 @@ class _Found:
     sha_upto: int
     discarded: int = 0
     discards: dict[str, int] = field(default_factory=dict)
+    #: chunks kept at their synced record because the latest did not verify
+    fell_back: list[int] = field(default_factory=list)
 
     @property
     def reason(self) -> str | None:
@@ -1144,9 +1176,18 @@ class _Found:
 
 
 def _verify_map(
-    path: Path, hashes: dict[int, tuple[int, int | None]], chunk_size: int, size: int | None
+    path: Path,
+    hashes: dict[int, tuple[int, int | None]],
+    chunk_size: int,
+    size: int | None,
+    synced: dict[int, tuple[int, int | None]] | None = None,
 ) -> _Found:
     """Worker thread: check every recorded chunk against its xxh3; the rest are holes.
+
+    A chunk whose latest record does not verify is checked against its ``synced``
+    record, if it has one that differs: the one a finished fdatasync covered. A power
+    cut takes the data a newer record describes (it reached SQLite before the data
+    reached the disk), never what that sync made durable, so the chunk keeps that prefix.
 
     Nothing is cut at the first bad chunk: each chunk stands on its own. sha256 is fed
     with the contiguous verified prefix as it is read. Bytes on disk past the last good
@@ -1172,19 +1213,14 @@ def _verify_map(
             start = idx * chunk_size
             there = min(chunk_size, on_disk - start)
             record = hashes.get(idx)
-            good = 0
-            if record is not None:
-                want_hash, length = record
-                want = chunk_size if length is None else length
-                if size is not None:
-                    want = min(want, size - start)
-                data = os.pread(fd, want, start) if want > 0 else b""
-                got = to_signed(xxhash.xxh3_64_intdigest(data))
-                if want > 0 and len(data) == want and got == want_hash:
-                    good = want
-                    if in_prefix:
-                        found.sha.update(data)
-                        found.sha_upto += want
+            good, data = _verify_chunk(fd, start, record, chunk_size, size)
+            if not good and record is not None and synced and idx in synced:
+                good, data = _verify_chunk(fd, start, synced[idx], chunk_size, size)
+                if good:
+                    found.fell_back.append(idx)
+            if good and in_prefix:
+                found.sha.update(data)
+                found.sha_upto += good
             have[idx] = good
             if good < there:
                 reason = "corrupt-chunk" if record is not None and good == 0 else "unrecorded-tail"
@@ -1200,6 +1236,25 @@ def _verify_map(
         os.fdatasync(fd)
     found.have = have
     return found
+
+
+def _verify_chunk(
+    fd: int, start: int, record: tuple[int, int | None] | None, chunk_size: int, size: int | None
+) -> tuple[int, bytes]:
+    """The bytes of the chunk at ``start`` that ``record`` (xxh3, length) vouches for, and
+    those bytes; (0, b"") if it vouches for none."""
+    if record is None:
+        return 0, b""
+    want_hash, length = record
+    want = chunk_size if length is None else length
+    if size is not None:
+        want = min(want, size - start)
+    if want <= 0:
+        return 0, b""
+    data = os.pread(fd, want, start)
+    if len(data) == want and to_signed(xxhash.xxh3_64_intdigest(data)) == want_hash:
+        return want, data
+    return 0, b""
 
 
 def _prefix(have: Sequence[int], chunk_size: int, size: int | None) -> int:
