@@ -349,3 +349,13 @@ def test_a_power_cut_after_any_sync_keeps_exactly_what_it_covered(
     k, synced, written = layout
     asyncio.run(_cut_after_a_sync(tmp_path_factory.mktemp("cut") / "root", k, synced, written))
 
+
+async def test_a_quiet_stream_hands_on_its_bytes_without_another_read(root: Path) -> None:
+    """Bytes gathered below a batch go to the disk within the hand-off time even when the
+    stream receives nothing more (a rate-limited server sends in bursts): they must not
+    wait in memory, where neither a sync nor a record covers them, until its next read.
+    The clock is a FakeClock that never moves: only the hand-off timer can send them."""
+    async with open_engine(root) as engine, partial_of(engine) as partial:
+        await partial.write(DATA[:1000])
+        end = await asyncio.wait_for(partial.wait_readable(0, partial.generation), 10)
+        assert end == 1000

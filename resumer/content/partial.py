@@ -72,7 +72,10 @@ _MAX_SLABS = _MAX_INFLIGHT + 2
 _MAX_SLAB = 4 << 20
 #: a filling slab goes to the writer after this long even if not full, and its
 #: unfinished chunk is tail-recorded: on a slow link a kill then costs about this much
-#: of each transfer's data, not half a chunk (on a fast link slabs fill sooner anyway)
+#: of each transfer's data, not half a chunk (on a fast link slabs fill sooner anyway).
+#: A stream that goes quiet meanwhile (a rate-limited server sends in bursts) is handed
+#: on by a timer, not at its next read: else each of K streams keeps up to a chunk that
+#: no sync and no record can cover.
 _HANDOFF_SECONDS = 0.03
 #: (idx, xxh3, length or None for a whole chunk)
 _Chunk = tuple[int, int, int | None]
@@ -315,6 +318,8 @@ class Partial:
         self._waiters: list[Callable[[], None]] = []
         self._sync_fut: asyncio.Future[None] | None = None
         self._last_sync = 0.0
+        #: hands on what a quiet stream gathered (see _HANDOFF_SECONDS)
+        self._handoff_timer: asyncio.TimerHandle | None = None
         self._records: asyncio.Queue[_Record | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
@@ -656,6 +661,7 @@ class Partial:
         seg.sent += n
         self._sent += n
         seg.last_flush = self._clock.monotonic()
+        seg.handed = loop.time()
         wfut = loop.run_in_executor(self._writer_pool, self._write_batch, seg, views, n)
         self._inflight.append(wfut)
         refs = 1
@@ -718,15 +724,36 @@ class Partial:
             self._record_error = exc
 
     def _pump(self) -> None:
-        """After a completion: hand on full slabs that waited, wake whoever waits."""
+        """After a completion: hand on full slabs that waited, and what quiet streams
+        gathered long enough ago; wake whoever waits."""
+        stale = asyncio.get_running_loop().time() - _HANDOFF_SECONDS
         for seg in self._segments:
             slab = seg.slab
             if slab is not None and slab.sent < slab.fill == len(slab.buf) and self._can_send():
                 seg.send_slab(slab)
+            if seg.handed <= stale and seg.unsent() and self._can_send():
+                seg.send_unsent()
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for wake in waiters:
                 wake()
+
+    def _arm_handoff(self) -> None:
+        """A stream holds bytes it has not handed on: make sure they go within about
+        _HANDOFF_SECONDS even if it receives nothing more (one timer per partial)."""
+        if self._handoff_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._handoff_timer = loop.call_later(_HANDOFF_SECONDS, self._on_handoff_timer)
+
+    def _on_handoff_timer(self) -> None:
+        self._handoff_timer = None
+        if self._closed or self._record_error is not None:
+            return
+        # _pump hands on what waited long enough, if the pipeline has room (else the
+        # next completion's _pump will); whatever is left is looked at again later.
+        self._pump()
+        if any(seg.unsent() for seg in self._segments):
+            self._arm_handoff()
 
     def _maybe_sync(self) -> None:
         if not self._cfg.checkpoints or self._written <= self._synced_request:
@@ -931,6 +958,9 @@ class Partial:
 
     def _release(self) -> None:
         self._closed = True
+        if self._handoff_timer is not None:
+            self._handoff_timer.cancel()
+            self._handoff_timer = None
         self.ingest.open_partials.discard(self)
         self._wake_readers()
         if self._fd >= 0:
@@ -1008,6 +1038,8 @@ class Segment:
         self.pending: list[bytes] = []
         self.pending_len = 0
         self.last_flush = partial._clock.monotonic()
+        #: the loop's time of the last hand-off (the timer's clock, see _arm_handoff)
+        self.handed = asyncio.get_running_loop().time()
         self.slab: _Slab | None = None
         self.free_slabs: list[_Slab] = []
         self.nslabs = 0
@@ -1046,16 +1078,37 @@ class Segment:
             self.p._clock.monotonic() - self.last_flush >= _HANDOFF_SECONDS
         ):
             await self.hand_off()
+        elif self.pending:
+            self.p._arm_handoff()
+
+    def unsent(self) -> bool:
+        """Whether bytes accepted here wait to be handed on."""
+        slab = self.slab
+        return bool(self.pending) or (slab is not None and slab.sent < slab.fill)
+
+    def send_unsent(self) -> None:
+        """Hand on every byte accepted here, in order (slab bytes come before pieces
+        gathered after them: ``write`` hands the slab on first)."""
+        slab = self.slab
+        if slab is not None and slab.sent < slab.fill:
+            self.send_slab(slab)
+        if self.pending:
+            batch, self.pending, self.pending_len = self.pending, [], 0
+            self.p._submit(self, batch, None)
 
     async def hand_off(self) -> None:
+        # Checked again after each wait: _pump (or the timer) may have handed the bytes
+        # on meanwhile.
         slab = self.slab
         if slab is not None and slab.sent < slab.fill:
             await self.p._wait_until(self.p._can_send)
-            self.send_slab(slab)
+            if slab.sent < slab.fill:
+                self.send_slab(slab)
         if self.pending:
             await self.p._wait_until(self.p._can_send)
-            batch, self.pending, self.pending_len = self.pending, [], 0
-            self.p._submit(self, batch, None)
+            if self.pending:
+                batch, self.pending, self.pending_len = self.pending, [], 0
+                self.p._submit(self, batch, None)
 
     async def begin_direct(self) -> None:
         """Hand off gathered pieces, so bytes received directly come after them."""
@@ -1083,6 +1136,8 @@ class Segment:
             or self.p._clock.monotonic() - self.last_flush >= _HANDOFF_SECONDS
         ) and self.p._can_send():
             self.send_slab(slab)
+        elif slab.sent < slab.fill:
+            self.p._arm_handoff()
 
     def room(self) -> bool:
         """Whether another network read can be taken now (else wait for ``on_room``)."""
