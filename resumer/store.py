@@ -319,14 +319,31 @@ class Store:
         rows = await self.read("SELECT idx, xxh3, length FROM chunks WHERE key = ?", (key,))
         return {int(r[0]): (int(r[1]), r[2]) for r in rows}
 
+    async def synced_chunk_map(self, key: str) -> dict[int, tuple[int, int | None]]:
+        """The records a finished fdatasync covered, where they differ from the latest:
+        idx → (xxh3, length). What reopen falls back to when the latest does not verify
+        (a power cut took the data that record describes, not what was synced before)."""
+        rows = await self.read(
+            "SELECT idx, synced_xxh3, synced_length FROM chunks WHERE key = ?"
+            " AND synced_xxh3 IS NOT NULL"
+            " AND (synced_xxh3 != xxh3 OR synced_length IS NOT length)",
+            (key,),
+        )
+        return {int(r[0]): (int(r[1]), r[2]) for r in rows}
+
     async def checkpoint(
         self,
         key: str,
         chunks: Sequence[tuple[int, int, int | None]],
         durable: int | None,
         tally: AttemptTally | None = None,
+        synced: Sequence[tuple[int, int, int | None]] = (),
     ) -> None:
         """Record (idx, xxh3, length) chunk hashes; advance the durable offset once synced.
+
+        ``synced``: records (recorded before) that a finished fdatasync covers, kept
+        beside each chunk's latest record for reopen to fall back to. Pass them with the
+        ``durable`` offset of the same sync: they are a claim too.
 
         ``tally`` books the open attempt's bytes so far in the same transaction, so a
         process killed mid-attempt leaves a row that says what that attempt moved.
@@ -341,9 +358,19 @@ class Store:
                     (tally[1], tally[2], tally[3], tally[0]),
                 )
             if chunks:
+                # An upsert, not a replace: the row's synced record stays until a sync
+                # covers a newer one.
                 c.executemany(
-                    "INSERT OR REPLACE INTO chunks (key, idx, xxh3, length) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO chunks (key, idx, xxh3, length) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (key, idx) DO UPDATE"
+                    " SET xxh3 = excluded.xxh3, length = excluded.length",
                     [(key, i, h, n) for i, h, n in chunks],
+                )
+            if synced:
+                c.executemany(
+                    "UPDATE chunks SET synced_xxh3 = ?, synced_length = ?"
+                    " WHERE key = ? AND idx = ?",
+                    [(h, n, key, i) for i, h, n in synced],
                 )
             if durable is not None:
                 c.execute(
@@ -352,14 +379,22 @@ class Store:
                 )
 
         # Chunk records alone claim nothing: reopen verifies them, and losing them only
-        # makes reopen keep less. A durable offset is a claim, so it is synced.
-        await self.run(tx, durable=durable is not None)
+        # makes reopen keep less. A durable offset or a synced record is a claim, so it
+        # is synced.
+        await self.run(tx, durable=durable is not None or bool(synced))
 
     async def forget_chunks(
-        self, key: str, idxs: Sequence[int] | None, offset: int, validator: str | None
+        self,
+        key: str,
+        idxs: Sequence[int] | None,
+        offset: int,
+        validator: str | None,
+        fell_back: Sequence[int] = (),
     ) -> None:
         """Forget the records of chunks ``idxs`` (None: every chunk), found bad or gone:
-        they are holes now. ``offset`` is the durable prefix that is left."""
+        they are holes now. ``offset`` is the durable prefix that is left. Chunks
+        ``fell_back`` were kept at their synced record (the latest did not verify): it
+        becomes their latest."""
         now = self.clock.time()
 
         def tx(c: sqlite3.Connection) -> None:
@@ -369,6 +404,11 @@ class Store:
                 c.executemany(
                     "DELETE FROM chunks WHERE key = ? AND idx = ?", [(key, i) for i in idxs]
                 )
+            c.executemany(
+                "UPDATE chunks SET xxh3 = synced_xxh3, length = synced_length"
+                " WHERE key = ? AND idx = ? AND synced_xxh3 IS NOT NULL",
+                [(key, i) for i in fell_back],
+            )
             c.execute(
                 "UPDATE transfers SET offset = ?, validator = ?, state = ?, updated = ?"
                 " WHERE key = ?",

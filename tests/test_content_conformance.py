@@ -18,9 +18,12 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_helpers_core import CHUNK, make_blob, open_engine, sha256
 
 from resumer.content.partial import Partial
@@ -249,3 +252,110 @@ async def test_the_migrated_partial_keeps_its_verified_chunks(root: Path) -> Non
         assert hashlib.sha256(path.read_bytes()).hexdigest() == OLD_DIGEST[7:]
         version = (await engine.store.read("PRAGMA user_version"))[0][0]
         assert version == len(load_migrations())
+
+
+# --- a power cut with K streams: each chunk falls back to what the last sync covered ----
+
+#: the ranges K streams write at once (a parallel attempt's connections), chunk-aligned
+STREAMS = {
+    1: [(0, SIZE)],
+    2: [(0, 5 * CHUNK), (5 * CHUNK, SIZE)],
+    3: [(0, 3 * CHUNK), (3 * CHUNK, 6 * CHUNK), (6 * CHUNK, SIZE)],
+}
+
+
+async def _write_streams(partial: Partial, segs: list[Any], upto: list[int]) -> None:
+    """Each stream writes on to ``upto[i]``, the streams taking turns in uneven pieces
+    (so chunk edges fall inside writes), as K connections do."""
+    while True:
+        moved = False
+        for seg, end in zip(segs, upto, strict=True):
+            if seg.offset < end:
+                step = min(end - seg.offset, 1500 + 700 * (seg.offset % 3))
+                await seg.write(DATA[seg.offset : seg.offset + step])
+                moved = True
+        if not moved:
+            return
+
+
+async def _cut_after_a_sync(root: Path, k: int, synced: list[int], written: list[int]) -> None:
+    """K streams write, a finished fdatasync covers ``synced[i]`` of each, they write on
+    to ``written[i]`` and every record reaches SQLite; then the power goes: the file is
+    what that sync made durable, not a byte more. Reopen keeps exactly what was synced:
+    each stream's chunk that straddles the sync keeps its synced prefix, though its newer
+    record (a longer tail, or the whole chunk) no longer matches."""
+    ranges = STREAMS[k]
+    path = partial_file(root)
+    async with open_engine(root) as engine:
+        partial, _ = await engine.ingest.open(DIGEST, digest=DIGEST, size=SIZE)
+        segs = [await partial.open_segment(a, b) for a, b in ranges]
+        await _write_streams(partial, segs, synced)
+        await partial.flush(sync=True)
+        durable_image = path.read_bytes()  # what the disk holds after that sync
+        await _write_streams(partial, segs, written)
+        await partial.flush()  # written (to the page cache), not synced
+        await partial._drain_records()  # and every record of it is in state.db
+        partial._release()  # the power goes: no last checkpoint, no sync
+    path.write_bytes(durable_image)  # the reboot: what was not synced is gone
+    kept = [(a, s) for (a, _), s in zip(ranges, synced, strict=True) if s > a]
+    holes, pos = [], 0
+    for a, s in kept:
+        if a > pos:
+            holes.append((pos, a))
+        pos = s
+    if pos < SIZE:
+        holes.append((pos, SIZE))
+    async with open_engine(root) as engine, partial_of(engine) as partial:
+        assert partial.resumed_from == sum(s - a for a, s in kept), (synced, written)
+        assert partial.holes() == holes
+        for start, end in holes:
+            await write_range(partial, start, end)
+        assert (await partial.commit()).read_bytes() == DATA
+
+
+@pytest.mark.parametrize(
+    ("k", "synced", "written"),
+    [
+        # one stream, its sync mid-chunk, then the rest of that chunk and more
+        (1, [2 * CHUNK + 1000], [4 * CHUNK + 10]),
+        # one stream, the chunk finished after the sync (a whole record over a tail)
+        (1, [2 * CHUNK + 1000], [3 * CHUNK]),
+        # three streams, each straddling the sync in its own chunk
+        (3, [CHUNK + 300, 4 * CHUNK + 2000, 7 * CHUNK + 1], [2 * CHUNK + 5, 5 * CHUNK, SIZE]),
+    ],
+)
+async def test_a_power_cut_keeps_what_the_last_sync_covered_in_every_stream(
+    root: Path, k: int, synced: list[int], written: list[int]
+) -> None:
+    await _cut_after_a_sync(root, k, synced, written)
+
+
+@st.composite
+def _cut_layouts(draw: st.DrawFn) -> tuple[int, list[int], list[int]]:
+    k = draw(st.sampled_from(sorted(STREAMS)))
+    synced, written = [], []
+    for a, b in STREAMS[k]:
+        s = draw(st.integers(a, b))
+        synced.append(s)
+        written.append(draw(st.integers(s, b)))
+    return k, synced, written
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=_cut_layouts())
+def test_a_power_cut_after_any_sync_keeps_exactly_what_it_covered(
+    tmp_path_factory: pytest.TempPathFactory, layout: tuple[int, list[int], list[int]]
+) -> None:
+    k, synced, written = layout
+    asyncio.run(_cut_after_a_sync(tmp_path_factory.mktemp("cut") / "root", k, synced, written))
+
+
+async def test_a_quiet_stream_hands_on_its_bytes_without_another_read(root: Path) -> None:
+    """Bytes gathered below a batch go to the disk within the hand-off time even when the
+    stream receives nothing more (a rate-limited server sends in bursts): they must not
+    wait in memory, where neither a sync nor a record covers them, until its next read.
+    The clock is a FakeClock that never moves: only the hand-off timer can send them."""
+    async with open_engine(root) as engine, partial_of(engine) as partial:
+        await partial.write(DATA[:1000])
+        end = await asyncio.wait_for(partial.wait_readable(0, partial.generation), 10)
+        assert end == 1000

@@ -12,11 +12,14 @@ cut left of it, recorded with their length), or a hole. Data is written at its o
 Invariants kept here (DESIGN.md):
 1. Recorded before trusted; synced before counted as durable. Each chunk's xxh3 is
    recorded once written; the durable offset (the contiguous written prefix) only
-   advances after fdatasync.
+   advances after fdatasync. A record written before its data is synced may outlive
+   that data in a power cut, so each chunk also keeps the record the last finished
+   fdatasync covered (its *synced* record), made durable with that sync's offset.
 2. Never trust a partial file; never throw away a good chunk: reopen verifies every
-   recorded chunk, turns bad or unrecorded ones into holes and keeps the good chunks
-   around them. sha256 is kept over the contiguous verified prefix, off the loop, and
-   completed from disk as the holes are filled.
+   recorded chunk (against its synced record when the latest does not match), turns
+   bad or unrecorded ones into holes and keeps the good chunks around them. sha256 is
+   kept over the contiguous verified prefix, off the loop, and completed from disk as
+   the holes are filled.
 3. Verified before visible: commit = fdatasync, size and digest check, rename, fsync dir.
 """
 
@@ -69,14 +72,18 @@ _MAX_SLABS = _MAX_INFLIGHT + 2
 _MAX_SLAB = 4 << 20
 #: a filling slab goes to the writer after this long even if not full, and its
 #: unfinished chunk is tail-recorded: on a slow link a kill then costs about this much
-#: of each transfer's data, not half a chunk (on a fast link slabs fill sooner anyway)
+#: of each transfer's data, not half a chunk (on a fast link slabs fill sooner anyway).
+#: A stream that goes quiet meanwhile (a rate-limited server sends in bursts) is handed
+#: on by a timer, not at its next read: else each of K streams keeps up to a chunk that
+#: no sync and no record can cover.
 _HANDOFF_SECONDS = 0.03
 #: (idx, xxh3, length or None for a whole chunk)
 _Chunk = tuple[int, int, int | None]
 #: a byte range [start, end) of a partial; end None = up to an end not known yet
 Span = tuple[int, int | None]
-#: chunks to record, and a durable offset to advance to (after fdatasync)
-_Record = tuple[list[_Chunk], int | None]
+#: chunks to record, a durable offset to advance to (after fdatasync), and the records
+#: that fdatasync covered (each chunk's fallback on reopen)
+_Record = tuple[list[_Chunk], int | None, list[_Chunk]]
 
 
 def key_filename(key: str) -> str:
@@ -179,10 +186,12 @@ class Ingest:
                 chunk_size=self.config.chunk_size,
             )
             hashes: dict[int, tuple[int, int | None]] = {}
+            synced: dict[int, tuple[int, int | None]] = {}
             if digest is not None:
                 hashes = await self._adopt_orphan(key, path, row.chunk_size, size)
         else:
             hashes = await self.store.chunk_map(key)
+            synced = await self.store.synced_chunk_map(key)
             if size is None:
                 size = row.size
         partial = Partial(
@@ -194,7 +203,7 @@ class Ingest:
             chunk_size=row.chunk_size,
             validator=row.validator,
         )
-        reopened = await partial._reopen(hashes)
+        reopened = await partial._reopen(hashes, synced)
         self._opened(partial)
         if reopened.discarded:
             log.info(
@@ -300,6 +309,9 @@ class Partial:
         self._inflight: collections.deque[asyncio.Future[list[_Chunk]]] = collections.deque()
         self._hashing: collections.deque[asyncio.Future[None]] = collections.deque()
         self._unrecorded = 0  # chunks written whose records have not reached SQLite
+        #: the latest record of each chunk written since the last fdatasync started: the
+        #: next sync covers them, and then they become those chunks' synced records
+        self._unsynced: dict[int, _Chunk] = {}
         #: the streams writing into holes: the main one (``write``/``begin_segment``),
         #: and those of a parallel attempt (``open_segment``)
         self._main = Segment(self, 0, None)
@@ -308,6 +320,8 @@ class Partial:
         self._waiters: list[Callable[[], None]] = []
         self._sync_fut: asyncio.Future[None] | None = None
         self._last_sync = 0.0
+        #: hands on what a quiet stream gathered (see _HANDOFF_SECONDS)
+        self._handoff_timer: asyncio.TimerHandle | None = None
         self._records: asyncio.Queue[_Record | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
         self._record_error: BaseException | None = None
@@ -325,9 +339,13 @@ class Partial:
 
     # --- opening ---------------------------------------------------------------------
 
-    async def _reopen(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:
+    async def _reopen(
+        self,
+        hashes: dict[int, tuple[int, int | None]],
+        synced: dict[int, tuple[int, int | None]],
+    ) -> Reopened:
         try:
-            return await self._verify_and_open(hashes)
+            return await self._verify_and_open(hashes, synced)
         except BaseException:
             # Nobody gets a half-open partial: its recorder (started before the first
             # segment opens, which may be where a cancellation lands), threads and file
@@ -338,12 +356,17 @@ class Partial:
                 self._release()
             raise
 
-    async def _verify_and_open(self, hashes: dict[int, tuple[int, int | None]]) -> Reopened:
+    async def _verify_and_open(
+        self,
+        hashes: dict[int, tuple[int, int | None]],
+        synced: dict[int, tuple[int, int | None]],
+    ) -> Reopened:
         loop = asyncio.get_running_loop()
+        verify = functools.partial(
+            _verify_map, self.path, hashes, self.chunk_size, self.size, synced
+        )
         try:
-            found = await loop.run_in_executor(
-                self._writer_pool, _verify_map, self.path, hashes, self.chunk_size, self.size
-            )
+            found = await loop.run_in_executor(self._writer_pool, verify)
         except OSError as exc:
             raise disk_error(f"cannot verify partial {self.path}", exc) from exc
         have = found.have
@@ -351,9 +374,11 @@ class Partial:
         kept = {i for i, n in enumerate(have) if n}
         stale = [i for i in hashes if i not in kept]
         prefix = _prefix(have, self.chunk_size, self.size)
-        if stale or found.discarded:
+        if stale or found.discarded or found.fell_back:
             validator = self.validator if held else None
-            await self._store.forget_chunks(self.key, stale, prefix, validator)
+            await self._store.forget_chunks(
+                self.key, stale, prefix, validator, fell_back=found.fell_back
+            )
         else:
             await self._store.checkpoint(self.key, [], prefix)
         if held == 0:
@@ -637,6 +662,7 @@ class Partial:
         seg.sent += n
         self._sent += n
         seg.last_flush = self._clock.monotonic()
+        seg.handed = loop.time()
         wfut = loop.run_in_executor(self._writer_pool, self._write_batch, seg, views, n)
         self._inflight.append(wfut)
         refs = 1
@@ -681,7 +707,9 @@ class Partial:
                 self._wake_readers()
             if done and self._cfg.checkpoints:
                 self._unrecorded += len(done)
-                self._records.put_nowait((done, None))
+                self._records.put_nowait((done, None, []))
+                for chunk in done:
+                    self._unsynced[chunk[0]] = chunk
             self._maybe_sync()
         self._pump()
 
@@ -697,15 +725,36 @@ class Partial:
             self._record_error = exc
 
     def _pump(self) -> None:
-        """After a completion: hand on full slabs that waited, wake whoever waits."""
+        """After a completion: hand on full slabs that waited, and what quiet streams
+        gathered long enough ago; wake whoever waits."""
+        stale = asyncio.get_running_loop().time() - _HANDOFF_SECONDS
         for seg in self._segments:
             slab = seg.slab
             if slab is not None and slab.sent < slab.fill == len(slab.buf) and self._can_send():
                 seg.send_slab(slab)
+            if seg.handed <= stale and seg.unsent() and self._can_send():
+                seg.send_unsent()
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for wake in waiters:
                 wake()
+
+    def _arm_handoff(self) -> None:
+        """A stream holds bytes it has not handed on: make sure they go within about
+        _HANDOFF_SECONDS even if it receives nothing more (one timer per partial)."""
+        if self._handoff_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._handoff_timer = loop.call_later(_HANDOFF_SECONDS, self._on_handoff_timer)
+
+    def _on_handoff_timer(self) -> None:
+        self._handoff_timer = None
+        if self._closed or self._record_error is not None:
+            return
+        # _pump hands on what waited long enough, if the pipeline has room (else the
+        # next completion's _pump will); whatever is left is looked at again later.
+        self._pump()
+        if any(seg.unsent() for seg in self._segments):
+            self._arm_handoff()
 
     def _maybe_sync(self) -> None:
         if not self._cfg.checkpoints or self._written <= self._synced_request:
@@ -723,15 +772,20 @@ class Partial:
         # Everything counted in _written, and every chunk in _done, was written by a
         # finished write: this sync covers at least that much. The claim it makes is the
         # contiguous prefix (chunks past a hole are durable too, but claiming less is safe).
+        # Likewise every record in _unsynced: it came from a finished write, and was
+        # queued for SQLite before the sync's own record will be.
         written = self._written
         upto = self._done_prefix()
+        covered, self._unsynced = list(self._unsynced.values()), {}
         self._synced_request = written
         self._last_sync = self._clock.monotonic()
         fut = asyncio.get_running_loop().run_in_executor(self._sync_pool, os.fdatasync, self._fd)
-        fut.add_done_callback(functools.partial(self._on_synced, upto, written))
+        fut.add_done_callback(functools.partial(self._on_synced, upto, written, covered))
         self._sync_fut = fut
 
-    def _on_synced(self, upto: int, written: int, fut: asyncio.Future[None]) -> None:
+    def _on_synced(
+        self, upto: int, written: int, covered: list[_Chunk], fut: asyncio.Future[None]
+    ) -> None:
         self._sync_fut = None
         if fut.cancelled():
             self._fail(StoreError(f"partial {self.path}: a sync was cancelled"))
@@ -744,7 +798,7 @@ class Partial:
             # Synced before counted as durable.
             self._synced = max(self._synced, written)
             self.durable = max(self.durable, upto)
-            self._records.put_nowait(([], self.durable))
+            self._records.put_nowait(([], self.durable, covered))
             self._maybe_sync()
         self._pump()
 
@@ -753,8 +807,9 @@ class Partial:
             item = await self._records.get()
             if item is None:
                 return
-            chunks, durable = item
-            # Coalesce whatever queued up meanwhile into one transaction.
+            chunks, durable, synced = item
+            # Coalesce whatever queued up meanwhile into one transaction (the store writes
+            # the chunk records before the synced ones, so queue order is kept).
             while not self._records.empty():
                 nxt = self._records.get_nowait()
                 if nxt is None:
@@ -762,9 +817,10 @@ class Partial:
                     break
                 chunks = chunks + nxt[0]
                 durable = nxt[1] if nxt[1] is not None else durable
+                synced = synced + nxt[2]
             try:
                 tally = self.tally() if self.tally is not None else None
-                await self._store.checkpoint(self.key, chunks, durable, tally)
+                await self._store.checkpoint(self.key, chunks, durable, tally, synced)
             except StoreError as exc:
                 self._fail(exc)
                 self._pump()
@@ -843,6 +899,7 @@ class Partial:
         self._generation += 1
         self._wake_readers()
         self._acc, self._done = [], []
+        self._unsynced = {}
         self._prefix_at = (0, 0)
         self._held = self.durable = 0
         self._main = Segment(self, 0, None)
@@ -903,6 +960,9 @@ class Partial:
 
     def _release(self) -> None:
         self._closed = True
+        if self._handoff_timer is not None:
+            self._handoff_timer.cancel()
+            self._handoff_timer = None
         self.ingest.open_partials.discard(self)
         self._wake_readers()
         if self._fd >= 0:
@@ -980,6 +1040,8 @@ class Segment:
         self.pending: list[bytes] = []
         self.pending_len = 0
         self.last_flush = partial._clock.monotonic()
+        #: the loop's time of the last hand-off (the timer's clock, see _arm_handoff)
+        self.handed = asyncio.get_running_loop().time()
         self.slab: _Slab | None = None
         self.free_slabs: list[_Slab] = []
         self.nslabs = 0
@@ -1043,16 +1105,37 @@ class Segment:
             self.p._clock.monotonic() - self.last_flush >= _HANDOFF_SECONDS
         ):
             await self.hand_off()
+        elif self.pending:
+            self.p._arm_handoff()
+
+    def unsent(self) -> bool:
+        """Whether bytes accepted here wait to be handed on."""
+        slab = self.slab
+        return bool(self.pending) or (slab is not None and slab.sent < slab.fill)
+
+    def send_unsent(self) -> None:
+        """Hand on every byte accepted here, in order (slab bytes come before pieces
+        gathered after them: ``write`` hands the slab on first)."""
+        slab = self.slab
+        if slab is not None and slab.sent < slab.fill:
+            self.send_slab(slab)
+        if self.pending:
+            batch, self.pending, self.pending_len = self.pending, [], 0
+            self.p._submit(self, batch, None)
 
     async def hand_off(self) -> None:
+        # Checked again after each wait: _pump (or the timer) may have handed the bytes
+        # on meanwhile.
         slab = self.slab
         if slab is not None and slab.sent < slab.fill:
             await self.p._wait_until(self.p._can_send)
-            self.send_slab(slab)
+            if slab.sent < slab.fill:
+                self.send_slab(slab)
         if self.pending:
             await self.p._wait_until(self.p._can_send)
-            batch, self.pending, self.pending_len = self.pending, [], 0
-            self.p._submit(self, batch, None)
+            if self.pending:
+                batch, self.pending, self.pending_len = self.pending, [], 0
+                self.p._submit(self, batch, None)
 
     async def begin_direct(self) -> None:
         """Hand off gathered pieces, so bytes received directly come after them."""
@@ -1080,6 +1163,8 @@ class Segment:
             or self.p._clock.monotonic() - self.last_flush >= _HANDOFF_SECONDS
         ) and self.p._can_send():
             self.send_slab(slab)
+        elif slab.sent < slab.fill:
+            self.p._arm_handoff()
 
     def room(self) -> bool:
         """Whether another network read can be taken now (else wait for ``on_room``)."""
@@ -1159,6 +1244,8 @@ class _Found:
     sha_upto: int
     discarded: int = 0
     discards: dict[str, int] = field(default_factory=dict)
+    #: chunks kept at their synced record because the latest did not verify
+    fell_back: list[int] = field(default_factory=list)
 
     @property
     def reason(self) -> str | None:
@@ -1171,9 +1258,18 @@ class _Found:
 
 
 def _verify_map(
-    path: Path, hashes: dict[int, tuple[int, int | None]], chunk_size: int, size: int | None
+    path: Path,
+    hashes: dict[int, tuple[int, int | None]],
+    chunk_size: int,
+    size: int | None,
+    synced: dict[int, tuple[int, int | None]] | None = None,
 ) -> _Found:
     """Worker thread: check every recorded chunk against its xxh3; the rest are holes.
+
+    A chunk whose latest record does not verify is checked against its ``synced``
+    record, if it has one that differs: the one a finished fdatasync covered. A power
+    cut takes the data a newer record describes (it reached SQLite before the data
+    reached the disk), never what that sync made durable, so the chunk keeps that prefix.
 
     Nothing is cut at the first bad chunk: each chunk stands on its own. sha256 is fed
     with the contiguous verified prefix as it is read. Bytes on disk past the last good
@@ -1199,19 +1295,14 @@ def _verify_map(
             start = idx * chunk_size
             there = min(chunk_size, on_disk - start)
             record = hashes.get(idx)
-            good = 0
-            if record is not None:
-                want_hash, length = record
-                want = chunk_size if length is None else length
-                if size is not None:
-                    want = min(want, size - start)
-                data = os.pread(fd, want, start) if want > 0 else b""
-                got = to_signed(xxhash.xxh3_64_intdigest(data))
-                if want > 0 and len(data) == want and got == want_hash:
-                    good = want
-                    if in_prefix:
-                        found.sha.update(data)
-                        found.sha_upto += want
+            good, data = _verify_chunk(fd, start, record, chunk_size, size)
+            if not good and record is not None and synced and idx in synced:
+                good, data = _verify_chunk(fd, start, synced[idx], chunk_size, size)
+                if good:
+                    found.fell_back.append(idx)
+            if good and in_prefix:
+                found.sha.update(data)
+                found.sha_upto += good
             have[idx] = good
             if good < there:
                 reason = "corrupt-chunk" if record is not None and good == 0 else "unrecorded-tail"
@@ -1227,6 +1318,25 @@ def _verify_map(
         os.fdatasync(fd)
     found.have = have
     return found
+
+
+def _verify_chunk(
+    fd: int, start: int, record: tuple[int, int | None] | None, chunk_size: int, size: int | None
+) -> tuple[int, bytes]:
+    """The bytes of the chunk at ``start`` that ``record`` (xxh3, length) vouches for, and
+    those bytes; (0, b"") if it vouches for none."""
+    if record is None:
+        return 0, b""
+    want_hash, length = record
+    want = chunk_size if length is None else length
+    if size is not None:
+        want = min(want, size - start)
+    if want <= 0:
+        return 0, b""
+    data = os.pread(fd, want, start)
+    if len(data) == want and to_signed(xxhash.xxh3_64_intdigest(data)) == want_hash:
+        return want, data
+    return 0, b""
 
 
 def _prefix(have: Sequence[int], chunk_size: int, size: int | None) -> int:
