@@ -26,11 +26,12 @@ resumer.errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -379,7 +380,8 @@ async def _segment_request(
                 limiter.check()  # the run's wire budget: stop once spent (this read is kept)
             return more
 
-        await _read_pieces(resp.content, take, watchdog, where, lambda: seg.offset)
+        with _paced_reads(resp):
+            await _read_pieces(resp.content, take, watchdog, where, lambda: seg.offset)
         stop = limit()
         if stop is not None and seg.offset < stop:
             raise ConnectionCutError(f"{where}: connection closed at byte {seg.offset} of {stop}")
@@ -430,9 +432,10 @@ async def _attempt(
         resp = await _open(session, endpoint.url, headers, verify_tls=endpoint.verify_tls)
         try:
             out.status = resp.status
-            finished = await _handle(
-                resp, sink, out, (start, end), size, validator, watchdog, clock, on_bytes
-            )
+            with _paced_reads(resp):
+                finished = await _handle(
+                    resp, sink, out, (start, end), size, validator, watchdog, clock, on_bytes
+                )
         finally:
             resp.close()  # never return a half-read connection to the pool
         if finished:
@@ -472,7 +475,32 @@ async def _open(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], *, verify_tls: bool = True
 ) -> aiohttp.ClientResponse:
     # The one HTTP edge: redirects (Range kept, Authorization dropped off-origin).
-    return await http.open_get(session, url, headers, verify_tls=verify_tls)
+    limiter = _LIMITER.get()
+    # Under a cap, aiohttp reads ahead of us no more than one paced read (``_paced_reads``).
+    bufsize = limiter.read_size() if limiter is not None else None
+    return await http.open_get(session, url, headers, verify_tls=verify_tls, read_bufsize=bufsize)
+
+
+@contextlib.contextmanager
+def _paced_reads(resp: aiohttp.ClientResponse) -> Iterator[None]:
+    """Under a rate cap, each network read of ``resp``'s body takes at most the limiter's
+    ``read_size``. aiohttp's read_bufsize (see ``_open``) bounds only what it buffers
+    between reads; one read of asyncio's socket transport takes up to 256 KiB, held by
+    us until its tokens come, sent by the server ahead of the cap. ``max_size`` is that
+    transport's read size (uvloop's and TLS transports have none: they keep theirs)."""
+    limiter = _LIMITER.get()
+    size = limiter.read_size() if limiter is not None else None
+    conn = resp.connection
+    transport = conn.transport if conn is not None else None
+    was = getattr(transport, "max_size", None)
+    if size is None or not isinstance(was, int):
+        yield
+        return
+    transport.max_size = size  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        transport.max_size = was  # type: ignore[union-attr]
 
 
 async def _handle(

@@ -176,8 +176,12 @@ async def open_get(
     verify_tls: bool = True,
     cert_hint: str = CERT_HINT,
     stall_timeout: float | None = None,
+    read_bufsize: int | None = None,
 ) -> aiohttp.ClientResponse:
     """GET ``url``, following redirects by hand; the response is the caller's to close.
+
+    ``read_bufsize``: how much aiohttp reads ahead of the caller (it buffers up to twice
+    that), if not the session's.
 
     Raises ConnectFailedError when no response came, UntrustedCertificateError (with
     ``cert_hint``, saying what to do), and for redirects BrokenServerError (too many, or
@@ -189,7 +193,13 @@ async def open_get(
         # Unverified only on the first URL's own host:port (an insecure registry).
         verify = verify_tls or urlsplit(url).netloc != origin[1]
         resp = await _send(
-            session, url, sent, verify=verify, cert_hint=cert_hint, stall_timeout=stall_timeout
+            session,
+            url,
+            sent,
+            verify=verify,
+            cert_hint=cert_hint,
+            stall_timeout=stall_timeout,
+            read_bufsize=read_bufsize,
         )
         location = resp.headers.get("Location") if resp.status in REDIRECTS else None
         if location is None:
@@ -209,10 +219,12 @@ async def _send(
     verify: bool,
     cert_hint: str,
     stall_timeout: float | None = None,
+    read_bufsize: int | None = None,
 ) -> aiohttp.ClientResponse:
     try:
         return await session.get(
             url,
+            read_bufsize=read_bufsize,
             headers=headers,
             allow_redirects=False,
             auto_decompress=False,

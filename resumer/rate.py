@@ -8,7 +8,11 @@
   stops with ``WireBudgetExhaustedError`` (not retryable); the partials are kept, so the
   next run continues from them.
 - ``Limiter``: both, as fetch.py asks them where it reads bytes. The engine owns one and
-  hands it to every attempt (``TransferContext.limiter``).
+  hands it to every attempt (``TransferContext.limiter``). Under a cap it also says how
+  much one network read may take (``read_size``): the cap counts bytes where we read
+  them, so whatever a read takes ahead of its tokens was sent ahead of the cap. Reads of
+  256 KiB, a dozen connections each holding one while it waits its turn, swung the rate
+  the server saw by MiBs.
 
 The math runs on an injected ``Clock`` (tests use a FakeClock). Waiting never polls:
 ``take`` sleeps until the tokens it needs are due, and a paused direct read asks ``due``
@@ -30,6 +34,11 @@ MAX_BURST = 256 * KiB
 MIN_GRANT = 16 * KiB
 #: how long a reader waits when the budget's remaining bytes are all reserved by others
 _RESERVED_RETRY = 0.05
+#: under a cap, one network read takes at most this many seconds of the rate, within
+#: these bounds (256 KiB is also the session's read size, uncapped)
+READ_AHEAD = 0.01
+MIN_READ_SIZE = 16 * KiB
+MAX_READ_SIZE = 256 * KiB
 
 
 def default_burst(rate: float) -> int:
@@ -219,6 +228,12 @@ class Limiter:
     @property
     def spent(self) -> bool:
         return self.budget is not None and self.budget.spent
+
+    def read_size(self) -> int | None:
+        """The most one network read may take under the rate cap (None: no cap)."""
+        if self.bucket is None:
+            return None
+        return max(MIN_READ_SIZE, min(MAX_READ_SIZE, int(self.bucket.rate * READ_AHEAD)))
 
     @property
     def used(self) -> int:

@@ -280,3 +280,13 @@ def test_waiters_are_served_in_turn_so_none_starves() -> None:
     b.leave("eager")
     b.leave("late")
     assert not b._line  # nobody waits any more
+
+
+@given(st.integers(min_value=1, max_value=1 << 40))
+def test_a_capped_read_is_ten_ms_of_the_rate_within_16_and_256_kib(rate: int) -> None:
+    """What one network read may take ahead of its tokens (fetch._paced_reads)."""
+    size = Limiter(rate=rate).read_size()
+    assert size is not None and 16 * KiB <= size <= 256 * KiB
+    if 16 * KiB <= rate / 100 <= 256 * KiB:
+        assert abs(size - rate / 100) <= 1
+    assert Limiter(wire_bytes=rate).read_size() is None  # no cap: the session's reads
