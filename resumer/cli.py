@@ -62,7 +62,7 @@ def _common(p: argparse.ArgumentParser, *, transfer: bool = True) -> None:
             "--max-connections-per-blob",
             type=int,
             metavar="K",
-            help="connections per blob, each a Range of its holes (default 1)",
+            help="connections per blob, each a Range of its holes (default 4; 1 is one stream)",
         )
         p.add_argument("--retry-delay", type=float, metavar="SECONDS")
         p.add_argument("--stall-timeout", type=float, metavar="SECONDS")
