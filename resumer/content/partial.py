@@ -1271,6 +1271,10 @@ def _verify_map(
     cut takes the data a newer record describes (it reached SQLite before the data
     reached the disk), never what that sync made durable, so the chunk keeps that prefix.
 
+    What is lost is booked as the bytes of each chunk that were written (up to its last
+    non-zero byte, as ``_adopt_file`` reads them) and do not verify: a gap between
+    segments was never received, so it is no waste.
+
     Nothing is cut at the first bad chunk: each chunk stands on its own. sha256 is fed
     with the contiguous verified prefix as it is read. Bytes on disk past the last good
     chunk (unrecorded, or bad) are truncated away; bad chunks inside stay as they are,
@@ -1305,8 +1309,13 @@ def _verify_map(
                 found.sha_upto += good
             have[idx] = good
             if good < there:
+                # Only bytes that were written were received: with K > 1 a chunk may be
+                # part of a gap no stream reached (sparse, zeros), never fetched at all.
+                written, _ = _written_prefix(fd, start, there)
+                if record is not None:  # its bytes were received, whatever the disk kept
+                    written = max(written, min(there, record[1] or chunk_size))
                 reason = "corrupt-chunk" if record is not None and good == 0 else "unrecorded-tail"
-                found.lose(there - good, reason)
+                found.lose(written - good, reason)
             full = chunk_size if size is None else min(chunk_size, size - start)
             if good < full:
                 in_prefix = False
@@ -1491,13 +1500,25 @@ def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> 
                 break
             idx = pos // chunk_size
             start = idx * chunk_size
-            data = os.pread(fd, min(chunk_size, limit - start), start)
-            held = len(data.rstrip(b"\0"))
+            held, data = _written_prefix(fd, start, min(chunk_size, limit - start))
             if held:
                 length = None if held == chunk_size else held
                 chunks.append((idx, to_signed(xxhash.xxh3_64_intdigest(data[:held])), length))
             pos = start + chunk_size
     return chunks
+
+
+def _written_prefix(fd: int, start: int, n: int) -> tuple[int, bytes]:
+    """How much of the ``n`` bytes at ``start`` (a chunk) was written, and those bytes.
+
+    A chunk fills from its start, in order, so what was written is a prefix, and the
+    rest reads as zeros (sparse, reserved, or past the end): the prefix runs to the last
+    non-zero byte. A sparse chunk is not read at all (SEEK_DATA, where it works)."""
+    if _next_data(fd, start) >= start + n:
+        return 0, b""
+    data = os.pread(fd, n, start)
+    held = len(data.rstrip(b"\0"))
+    return held, data[:held]
 
 
 def _next_data(fd: int, pos: int) -> int:
