@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resumer.clock import FakeClock
-from resumer.config import Config
+from resumer.config import Config, MiB
 from resumer.content.partial import _verify_map
 from resumer.digest import to_signed
 from resumer.engine import Engine
@@ -282,3 +282,28 @@ async def test_the_budget_takes_orphans_first_and_prune_removes_the_rest(tmp_pat
 
             assert await prune_orphans(engine.ingest) == [("sha256-late", 10)]
             assert await engine.store.transfer(srv.digest("a")) is not None
+
+
+async def test_k_streams_reserve_a_window_ahead_of_each_not_their_whole_ranges(
+    tmp_path: Path,
+) -> None:
+    """Four streams of a 256 MiB partial, 1 MiB written in each: the blocks held are about
+    the bytes written plus one 8 MiB window per stream, not the four 64 MiB ranges (a
+    disk is never filled with reservations no data came for)."""
+    size, span, wrote = 256 * MiB, 64 * MiB, 1 * MiB
+    piece = os.urandom(wrote)
+    async with Engine.open(tmp_path / "root", Config(), clock=FakeClock()) as engine:
+        key = "sha256:" + "ab" * 32
+        partial, _ = await engine.ingest.open(key, digest=key, size=size)
+        try:
+            for a in range(0, size, span):
+                seg = await partial.open_segment(a, a + span)
+                await seg.write(piece)
+                await partial.close_segment(seg)
+            await partial.flush()
+            held = os.stat(partial.path).st_blocks * 512
+        finally:
+            await partial.close()
+    if held <= 4 * wrote + 4 * 4096:
+        pytest.skip("nothing reserved here (no fallocate, or under 64 MiB free): no window")
+    assert held <= 4 * (wrote + 8 * MiB + MiB), held
