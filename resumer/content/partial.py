@@ -1503,7 +1503,7 @@ def _adopt_file(orphan: Path, path: Path, chunk_size: int, size: int | None) -> 
             held, data = _written_prefix(fd, start, min(chunk_size, limit - start))
             if held:
                 length = None if held == chunk_size else held
-                chunks.append((idx, to_signed(xxhash.xxh3_64_intdigest(data[:held])), length))
+                chunks.append((idx, to_signed(xxhash.xxh3_64_intdigest(data)), length))
             pos = start + chunk_size
     return chunks
 
